@@ -1,0 +1,89 @@
+"""Data layer: one entry point, :func:`load_dataset`, over per-release adapters.
+
+>>> ds = load_dataset("nih", root="/data/nih", split="train", image_size=64)
+>>> item = ds[0]   # image [1, 64, 64], target [14], mask [14], meta {...}
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from .base import CXRDataset, CorruptImageError, collate
+
+# name -> "module:Class"; modules are imported on first use so a missing optional
+# dependency of one adapter never breaks the others.
+_ADAPTERS: dict[str, str] = {
+    "nih": "cxrstudy.data.nih:NIHDataset",
+    "chexpert": "cxrstudy.data.chexpert:CheXpertDataset",
+    "vindr": "cxrstudy.data.vindr:VinDrDataset",
+    "chestmnist": "cxrstudy.data.chestmnist:ChestMNISTDataset",
+    "synthetic": "cxrstudy.data.synthetic:SyntheticDataset",
+}
+
+SPLITS = ("train", "val", "test", "all")
+
+
+def register_dataset(name: str, target: str | type) -> None:
+    """Add an adapter under ``name`` (a class, or ``"module:Class"`` imported lazily)."""
+    _ADAPTERS[name] = target
+
+
+def list_datasets() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def dataset_class(name: str) -> type:
+    if name not in _ADAPTERS:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+    target = _ADAPTERS[name]
+    if isinstance(target, str):
+        module, cls = target.split(":")
+        target = getattr(importlib.import_module(module), cls)
+    return target
+
+
+def load_dataset(
+    name: str,
+    root=None,
+    split: str = "train",
+    image_size: int = 224,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    cache: bool = False,
+    cache_dir=None,
+    strict: bool = False,
+    progress: bool = True,
+    **options,
+) -> CXRDataset:
+    """Build dataset ``name`` and return one patient-level ``split`` of it.
+
+    ``split`` is one of train/val/test/all. Splits come from the release's official lists when
+    present, else from a seeded patient-level split (``val_fraction``, ``test_fraction``).
+    With ``cache=True`` the images are decoded and resized once into a uint8 memmap
+    (see :mod:`cxrstudy.data.cache`) so later epochs read no image files.
+    ``options`` go to the adapter (e.g. ``uncertainty="u_ones"`` for CheXpert).
+    """
+    from .splits import assign_splits
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    adapter = dataset_class(name)
+    full = adapter(root=root, image_size=image_size, strict=strict, **options)
+    assignment = assign_splits(full, seed=seed, val_fraction=val_fraction,
+                               test_fraction=test_fraction)
+    full.split_assignment = assignment
+    indices = range(len(full)) if split == "all" else (assignment == split).nonzero()[0]
+    if len(indices) == 0:
+        raise ValueError(f"{name}: split {split!r} is empty ({len(full)} images in all)")
+    dataset = full.subset(indices, split_name=split)
+    if cache:
+        from .cache import attach_cache
+
+        dataset = attach_cache(dataset, cache_dir=cache_dir, progress=progress)
+    return dataset
+
+
+__all__ = ["CXRDataset", "CorruptImageError", "collate", "load_dataset", "register_dataset",
+           "list_datasets", "dataset_class", "SPLITS"]

@@ -1,0 +1,34 @@
+"""Shared fixtures: offline hub, the real NIH sample (skipped with a reason when absent)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    value = os.environ.get("CXRSTUDY_DATA_ROOT")
+    if not value:
+        pytest.skip("CXRSTUDY_DATA_ROOT is not set: the real NIH sample is needed for this test")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def nih_sample_root(data_root) -> Path:
+    root = data_root / "nih-sample"
+    if not (root / "Data_Entry_2017_v2020.csv").is_file():
+        pytest.skip(f"the NIH sample is not under {root}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own preprocessing cache folder; nothing leaks into ~/.cache."""
+    monkeypatch.setenv("CXRSTUDY_CACHE_DIR", str(tmp_path / "cache"))
