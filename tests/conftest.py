@@ -12,11 +12,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _missing(reason: str) -> None:
+    """Skip without the data, but fail in CI (CXRSTUDY_REQUIRE_DATA=1), where it must be there."""
+    if os.environ.get("CXRSTUDY_REQUIRE_DATA") == "1":
+        pytest.fail(reason + " (CXRSTUDY_REQUIRE_DATA=1)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     value = os.environ.get("CXRSTUDY_DATA_ROOT")
     if not value:
-        pytest.skip("CXRSTUDY_DATA_ROOT is not set: the real NIH sample is needed for this test")
+        _missing("CXRSTUDY_DATA_ROOT is not set: the real NIH sample is needed for this test")
     return Path(value)
 
 
@@ -24,7 +31,7 @@ def data_root() -> Path:
 def nih_sample_root(data_root) -> Path:
     root = data_root / "nih-sample"
     if not (root / "Data_Entry_2017_v2020.csv").is_file():
-        pytest.skip(f"the NIH sample is not under {root}")
+        _missing(f"the NIH sample is not under {root}")
     return root
 
 

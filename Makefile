@@ -1,0 +1,43 @@
+# cxrstudy — quick start: `make reproduce` then `make test`.
+# PROFILE=tiny|sample|default|paper picks params/<PROFILE>.yaml; NOTEBOOKS=all or stems.
+
+PYTHON    ?= python3.11
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PROFILE   ?= default
+NOTEBOOKS ?= all
+DATASET   ?= chestmnist
+ARGS      ?=
+STAMP     := $(VENV)/.cxrstudy-installed
+
+.PHONY: venv reproduce test lab data clean-results help
+
+help:
+	@echo "make reproduce [PROFILE=tiny|sample|default|paper] [NOTEBOOKS=all|01_baseline ...] [ARGS='-p epochs=2 --force']"
+	@echo "make test      unit, data and tiny notebook tests (set CXRSTUDY_DATA_ROOT for the real-data ones)"
+	@echo "make lab       JupyterLab on notebooks/ with the study's kernel"
+	@echo "make data DATASET=chestmnist|nih|chexpert|vindr"
+
+# The venv is (re)built when missing or when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+venv: $(STAMP)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
+
+data: $(STAMP)
+	$(VENV)/bin/cxrstudy data download $(DATASET) $(ARGS)
+
+clean-results:
+	@echo "results/ holds generated outputs; remove a profile by hand: rm -r results/<profile>"

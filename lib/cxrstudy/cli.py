@@ -1,0 +1,110 @@
+"""``cxrstudy`` command line: run notebooks, check and download data, evaluate checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .runner import run_notebooks
+
+    try:
+        results = run_notebooks(args.notebooks, args.profile, args.param, force=args.force,
+                                results_dir=args.results, progress=not args.quiet)
+    except (ConfigError, ValueError) as exc:
+        print(f"cxrstudy run: {exc}", file=sys.stderr)
+        return 2
+    bad = [r for r in results if r.status in ("failed", "blocked")]
+    if bad:
+        print("failed: " + ", ".join(f"{r.name} ({r.status})" for r in bad), file=sys.stderr)
+        for r in bad:
+            if r.status == "failed":
+                print(f"  partial output of {r.name}: {r.output_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from .config import ConfigError, resolve_parameters
+
+    try:
+        resolved = resolve_parameters(args.profile, args.param)
+    except ConfigError as exc:
+        print(f"cxrstudy params: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(resolved, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.check import main_check
+
+    return main_check(args)
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from .data.download import main_download
+
+    return main_download(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import main_evaluate
+
+    return main_evaluate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrstudy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute notebooks with papermill into results/<profile>/")
+    run.add_argument("notebooks", nargs="+", help="notebook stems, numbers (01) or 'all'")
+    run.add_argument("--profile", default="default", help="params/<profile>.yaml (default: default)")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a parameter (KEY or NOTEBOOK.KEY); repeatable")
+    run.add_argument("--force", action="store_true", help="rerun even when outputs are up to date")
+    run.add_argument("--results", default=None, help="results folder (default: ./results)")
+    run.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    params = sub.add_parser("params", help="print the resolved parameters of a profile")
+    params.add_argument("--profile", default="default")
+    params.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    params.set_defaults(func=_cmd_params)
+
+    data = sub.add_parser("data", help="check or download a dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="counts, prevalence, missing/corrupt files; exit 1 on problems")
+    check.add_argument("name")
+    check.add_argument("--root", default=None, help="dataset folder (default: $CXRSTUDY_DATA_ROOT/<name>)")
+    check.add_argument("--image-size", type=int, default=None)
+    check.set_defaults(func=_cmd_data_check)
+    download = data_sub.add_parser("download", help="download a dataset (or print registration steps)")
+    download.add_argument("name")
+    download.add_argument("--root", default=None, help="data root (default: $CXRSTUDY_DATA_ROOT)")
+    download.add_argument("--sizes", default=None, help="ChestMNIST sizes, e.g. 28,64,128,224")
+    download.set_defaults(func=_cmd_data_download)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved checkpoint on any dataset")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--root", default=None)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--image-size", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--n-boot", type=int, default=1000)
+    evaluate.add_argument("--out", default="metrics.json")
+    evaluate.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Profiles and overrides: precedence, type checks, and errors that name the key."""
+import json
+
+import pytest
+
+from cxrstudy.config import ConfigError, discover_notebooks, parse_override, resolve_parameters
+
+
+def write_notebook(folder, name, params_source, depends_on=None):
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": ["# title"]},
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_source,
+         "outputs": [], "execution_count": None},
+        {"cell_type": "code", "metadata": {}, "source": "x = 1", "outputs": [], "execution_count": None},
+    ]
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    if depends_on:
+        meta["cxrstudy"] = {"depends_on": depends_on}
+    (folder / f"{name}.ipynb").write_text(json.dumps(
+        {"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
+
+
+@pytest.fixture
+def study(tmp_path):
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir(), params.mkdir()
+    write_notebook(nbs, "00_explore", 'profile = "x"\noutput_dir = ""\nimage_size = 224\nseed = 0\n'
+                                      'gallery = 2\nroot = None\n')
+    write_notebook(nbs, "01_train", 'profile = "x"\noutput_dir = ""\nimage_size = 224\nseed = 0\n'
+                                    'lr = 0.001\nmodels = ["a"]\nuse_ema = False\n', ["00_explore"])
+    (params / "tiny.yaml").write_text(
+        "description: t\nshared:\n  image_size: 64\n  seed: 3\nnotebooks:\n  01_train:\n    lr: 0.01\n")
+    return nbs, params
+
+
+def test_precedence_default_shared_section_override(study):
+    nbs, params = study
+    specs = discover_notebooks(nbs)
+    resolved = resolve_parameters("tiny", ["seed=7", "01_train.lr=1"], specs, params)
+    assert resolved["00_explore"] == {"image_size": 64, "seed": 7, "gallery": 2, "root": None,
+                                      "profile": "tiny"}
+    # int 1 widens to float for a float parameter; the section beat shared, the override beat both
+    assert resolved["01_train"]["lr"] == 1.0 and isinstance(resolved["01_train"]["lr"], float)
+    assert resolved["01_train"]["image_size"] == 64 and resolved["01_train"]["seed"] == 7
+    assert specs["01_train"].depends_on == ["00_explore"]
+
+
+@pytest.mark.parametrize("override, words", [
+    (["epochs=3"], "'epochs'"),
+    (["image_size=big"], "'image_size' must be int"),
+    (["use_ema=1"], "'use_ema' must be bool"),
+    (["models=a"], "'models' must be list"),
+    (["00_explore.lr=0.1"], "no parameter 'lr'"),
+    (["99_none.seed=1"], "unknown notebook '99_none'"),
+    (["output_dir=/tmp/x"], "'output_dir'"),
+    (["seed"], "key=value"),
+])
+def test_bad_overrides_are_rejected_naming_the_key(study, override, words):
+    nbs, params = study
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        resolve_parameters("tiny", override, discover_notebooks(nbs), params)
+
+
+def test_bad_profiles_are_rejected_naming_the_key(study):
+    nbs, params = study
+    specs = discover_notebooks(nbs)
+    (params / "bad.yaml").write_text("shared:\n  imagesize: 64\n")
+    with pytest.raises(ConfigError, match="unknown key 'imagesize'"):
+        resolve_parameters("bad", [], specs, params)
+    (params / "bad2.yaml").write_text("shared:\n  image_size: 6.5\n")
+    with pytest.raises(ConfigError, match="'image_size' must be int"):
+        resolve_parameters("bad2", [], specs, params)
+    (params / "bad3.yaml").write_text("notebooks:\n  00_explore:\n    lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'lr' for notebook 00_explore"):
+        resolve_parameters("bad3", [], specs, params)
+    with pytest.raises(ConfigError, match="unknown profile 'nope'.*known profiles: .*tiny"):
+        resolve_parameters("nope", [], specs, params)
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("epochs=3") == ("epochs", 3)
+    assert parse_override("lr=1e-3") == ("lr", 1e-3)
+    assert parse_override("models=[a, b]") == ("models", ["a", "b"])
+    assert parse_override("flag=true") == ("flag", True)
+    assert parse_override("name=a=b") == ("name", "a=b")
+
+
+def test_notebook_without_parameters_cell_is_rejected(tmp_path):
+    (tmp_path / "00_x.ipynb").write_text(json.dumps(
+        {"cells": [{"cell_type": "code", "metadata": {}, "source": "a = 1", "outputs": []}],
+         "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    with pytest.raises(ConfigError, match="no cell tagged 'parameters'"):
+        discover_notebooks(tmp_path)
+
+
+def test_shipped_profiles_resolve_against_shipped_notebooks():
+    """Every profile in params/ is valid for the notebooks in notebooks/."""
+    from conftest import REPO
+
+    specs = discover_notebooks(REPO / "notebooks")
+    assert {"00_data_exploration", "01_baseline"} <= set(specs)
+    for profile in ("tiny", "sample", "default", "paper"):
+        resolved = resolve_parameters(profile, [], specs, REPO / "params")
+        assert all(p["profile"] == profile for p in resolved.values())

@@ -1,0 +1,83 @@
+"""Runner mechanics with a stub executor: skipping, forcing, failures, dependencies, provenance."""
+import json
+
+import pytest
+
+from cxrstudy.config import ConfigError
+from cxrstudy.runner import run_notebooks
+from test_config import study  # noqa: F401  (fixture)
+
+
+class RecordingExecutor:
+    def __init__(self, fail=()):
+        self.calls, self.fail = [], set(fail)
+
+    def __call__(self, spec, params, output_dir, **kwargs):
+        self.calls.append((spec.name, params))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / f"{spec.name}.ipynb").write_text("{}")  # the partial notebook papermill keeps
+        if spec.name in self.fail:
+            raise RuntimeError(f"cell 3 of {spec.name} raised")
+
+
+def run(study_dirs, tmp_path, executor, **kw):
+    nbs, params = study_dirs
+    return run_notebooks("all", "tiny", notebooks_dir=nbs, params_dir=params,
+                         results_dir=tmp_path / "results", executor=executor,
+                         log=lambda m: None, **kw)
+
+
+def test_runs_all_then_skips_up_to_date_then_force(study, tmp_path):
+    first = RecordingExecutor()
+    results = run(study, tmp_path, first)
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert [c[0] for c in first.calls] == ["00_explore", "01_train"]
+    params = first.calls[1][1]
+    assert params["output_dir"] == str((tmp_path / "results" / "tiny" / "01_train").resolve())
+    prov = json.loads((tmp_path / "results/tiny/01_train/provenance.json").read_text())
+    assert prov["status"] == "ok" and prov["params"]["lr"] == 0.01 and prov["wall_seconds"] >= 0
+    assert set(prov) >= {"git", "packages", "device", "fingerprint", "params_hash"}
+
+    second = RecordingExecutor()
+    assert [r.status for r in run(study, tmp_path, second)] == ["skipped", "skipped"]
+    assert second.calls == []
+
+    third = RecordingExecutor()
+    assert [r.status for r in run(study, tmp_path, third, force=True)] == ["ok", "ok"]
+    assert len(third.calls) == 2
+
+
+def test_changed_parameter_reruns_that_notebook_and_its_dependants(study, tmp_path):
+    run(study, tmp_path, RecordingExecutor())
+    again = RecordingExecutor()
+    results = run(study, tmp_path, again, overrides=["00_explore.gallery=5"])
+    assert [r.status for r in results] == ["ok", "ok"]  # 01 depends on 00, so it reruns too
+
+
+def test_failure_keeps_partial_output_and_blocks_dependants(study, tmp_path):
+    executor = RecordingExecutor(fail={"00_explore"})
+    results = run(study, tmp_path, executor)
+    assert [r.status for r in results] == ["failed", "blocked"]
+    assert "cell 3 of 00_explore raised" in results[0].error
+    assert (tmp_path / "results/tiny/00_explore/00_explore.ipynb").is_file()
+    prov = json.loads((tmp_path / "results/tiny/00_explore/provenance.json").read_text())
+    assert prov["status"] == "failed"
+    # a failed notebook is never taken as up to date
+    rerun = RecordingExecutor()
+    assert [r.status for r in run(study, tmp_path, rerun)] == ["ok", "ok"]
+
+
+def test_independent_notebooks_continue_after_a_failure(study, tmp_path):
+    nbs, _ = study
+    spec = json.loads((nbs / "01_train.ipynb").read_text())
+    spec["metadata"].pop("cxrstudy")
+    (nbs / "01_train.ipynb").write_text(json.dumps(spec))
+    results = run(study, tmp_path, RecordingExecutor(fail={"00_explore"}))
+    assert [r.status for r in results] == ["failed", "ok"]
+
+
+def test_bad_override_fails_before_any_notebook_runs(study, tmp_path):
+    executor = RecordingExecutor()
+    with pytest.raises(ConfigError, match="'epochs'"):
+        run(study, tmp_path, executor, overrides=["epochs=2"])
+    assert executor.calls == []
