@@ -83,6 +83,7 @@ def test_override_values_are_read_as_yaml():
     assert parse_override("models=[a, b]") == ("models", ["a", "b"])
     assert parse_override("flag=true") == ("flag", True)
     assert parse_override("name=a=b") == ("name", "a=b")
+    assert parse_override("dataset=nih") == ("dataset", "nih")
 
 
 def test_notebook_without_parameters_cell_is_rejected(tmp_path):

@@ -113,6 +113,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 as a string; a user typing it means a number
+            value = float(value) if any(ch in value.lower() for ch in ".e") else int(value)
+        except ValueError:
+            pass
     return key, value
 
 

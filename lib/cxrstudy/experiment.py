@@ -1,0 +1,225 @@
+"""The two steps every study notebook repeats: prepare the splits, then train and evaluate a model.
+
+Notebooks call these instead of writing loops: :func:`prepare_data` returns patient-level
+train/val/test datasets (saved as ``splits.csv``), and :func:`train_and_evaluate` trains one
+model with the shared trainer, evaluates it on the test split with bootstrap CIs, and writes its
+history, checkpoint and predictions under the notebook's output folder.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import CXRDataset, load_dataset
+from .outputs import Outputs
+
+
+@dataclass
+class StudyData:
+    """Patient-level train/val/test splits of one dataset at one image size."""
+
+    train: CXRDataset
+    val: CXRDataset
+    test: CXRDataset
+    classes: list[str]
+    image_size: int
+    dataset: str
+    synthetic: bool = False
+
+    def split_table(self) -> pd.DataFrame:
+        frames = []
+        for name in ("train", "val", "test"):
+            part = getattr(self, name).records[["image_id", "patient_id"]].copy()
+            part["split"] = name
+            frames.append(part)
+        return pd.concat(frames, ignore_index=True)
+
+    def summary(self) -> pd.DataFrame:
+        rows = []
+        for name in ("train", "val", "test"):
+            part = getattr(self, name)
+            positives = np.nansum(part.labels == 1, axis=0)
+            rows.append({"split": name, "images": len(part),
+                         "patients": part.records["patient_id"].nunique(),
+                         "classes with no positive": int((positives == 0).sum())})
+        return pd.DataFrame(rows)
+
+
+def subsample_patients(dataset: CXRDataset, max_images: int, seed: int) -> np.ndarray:
+    """Row indices of whole patients, drawn in a seeded order until ``max_images`` is reached."""
+    patients = dataset.records["patient_id"].to_numpy()
+    order = np.random.default_rng(seed).permutation(np.unique(patients))
+    rows_of = pd.Series(np.arange(len(patients))).groupby(patients).apply(list)
+    chosen: list[int] = []
+    for patient in order:
+        if len(chosen) >= max_images:
+            break
+        chosen.extend(rows_of[patient])
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: int = 0,
+                 max_images: int | None = None, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, cache: bool = True, progress: bool = True,
+                 out: Outputs | None = None, **options) -> StudyData:
+    """Load ``dataset``, optionally keep ``max_images`` (whole patients), split by patient.
+
+    The split comes from the release's official lists when present, else a seeded patient-level
+    split; it is saved to ``<output_dir>/splits.csv`` when ``out`` is given.
+    """
+    full = load_dataset(dataset, data_root, split="all", image_size=image_size, seed=seed,
+                        val_fraction=val_fraction, test_fraction=test_fraction, **options)
+    assignment = np.asarray(full.split_assignment)
+    if max_images is not None and max_images < len(full):
+        keep = subsample_patients(full, int(max_images), seed)
+        full, assignment = full.subset(keep, split_name="all"), assignment[keep]
+        full.split_assignment = assignment
+    if cache:
+        from .data.cache import attach_cache
+
+        ids_before = full.records["image_id"].to_numpy()
+        full = attach_cache(full, progress=progress)
+        kept = pd.Index(ids_before).get_indexer(full.records["image_id"])
+        assignment = assignment[kept]  # rows dropped as unreadable leave the split too
+    parts = {}
+    for name in ("train", "val", "test"):
+        rows = np.flatnonzero(assignment == name)
+        if len(rows) == 0:
+            raise ValueError(f"{dataset}: the {name} split is empty with max_images={max_images}; "
+                             "use more images or other split fractions")
+        parts[name] = full.subset(rows, split_name=name)
+    data = StudyData(classes=list(full.classes), image_size=int(image_size), dataset=dataset,
+                     synthetic=bool(getattr(full, "is_synthetic", False)), **parts)
+    if out is not None:
+        out.root.mkdir(parents=True, exist_ok=True)
+        data.split_table().to_csv(out.root / "splits.csv", index=False)
+    return data
+
+
+@dataclass
+class RunResult:
+    """One trained model's test-set evaluation and where its artefacts went."""
+
+    tag: str
+    model_name: str
+    model: torch.nn.Module
+    history: pd.DataFrame
+    probs: np.ndarray
+    targets: np.ndarray
+    masks: np.ndarray
+    patient_ids: np.ndarray
+    per_class: pd.DataFrame
+    overall: dict[str, Any]
+    n_params: int
+    train_seconds: float
+    checkpoint_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for a comparison table."""
+        o = self.overall
+        return {"model": self.tag, "params (M)": self.n_params / 1e6,
+                "macro AUC": o.get("macro_auc"), "95% CI low": o.get("macro_auc_low"),
+                "95% CI high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
+                "macro AP": o.get("macro_ap"), "epochs": int(self.history["epoch"].max()) if len(self.history) else 0,
+                "train s": round(self.train_seconds, 1)}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int = 0):
+    from .data.loader import BatchLoader
+
+    train = BatchLoader(data.train, batch_size, shuffle=True, seed=seed, drop_last=False,
+                        num_workers=num_workers)
+    val = BatchLoader(data.val, batch_size, shuffle=False, num_workers=num_workers)
+    test = BatchLoader(data.test, batch_size, shuffle=False, num_workers=num_workers)
+    return train, val, test
+
+
+def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outputs, *,
+                       tag: str | None = None, epochs: int = 1, batch_size: int = 32,
+                       lr: float = 1e-3, weight_decay: float = 0.025, warmup_epochs: int = 0,
+                       ema_decay: float = 0.0, early_stopping_patience: int = 0,
+                       grad_clip: float = 1.0, augment: bool | dict = True, n_boot: int = 1000,
+                       seed: int = 0, pretrained: bool = False, num_workers: int = 0,
+                       loss: str | Any = "bce", trainer_cls=None, trainer_kwargs: dict | None = None,
+                       model_kwargs: dict | None = None, progress: bool = True) -> RunResult:
+    """Train ``model`` (a registry name or a built module) on ``data`` and evaluate on its test split.
+
+    Checkpoints go to ``<output_dir>/checkpoints/<tag>/`` (resumed when a same-config run was
+    interrupted), the history to ``tables/history_<tag>.csv`` and the test predictions to
+    ``predictions/<tag>.npz`` so later notebooks (DeLong tests, explainability) can reuse them.
+    """
+    from .data.augment import BatchAugment
+    from .metrics import summarize
+    from .models import create_model
+    from .train import TrainConfig, Trainer, make_loss, seed_everything
+
+    seed_everything(seed)
+    if isinstance(model, str):
+        model_name = model
+        model = create_model(model_name, num_classes=len(data.classes), in_chans=1,
+                             image_size=data.image_size, pretrained=pretrained, **(model_kwargs or {}))
+    else:
+        model_name = getattr(model, "cxr_config", {}).get("name", type(model).__name__)
+    tag = tag or model_name
+    checkpoint_dir = out.root / "checkpoints" / tag
+    config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                         ema_decay=ema_decay or None, early_stopping_patience=early_stopping_patience or None,
+                         grad_clip=grad_clip, seed=seed, checkpoint_dir=str(checkpoint_dir), resume=True,
+                         progress=progress)
+    if augment is True:
+        augmenter = BatchAugment(seed=seed)
+    elif isinstance(augment, dict):
+        augmenter = BatchAugment.from_config(dict(augment, seed=seed))
+    else:
+        augmenter = None
+    loss_fn = make_loss(loss) if isinstance(loss, str) else loss
+    trainer = (trainer_cls or Trainer)(model, config, loss_fn=loss_fn, augment=augmenter,
+                                       class_names=data.classes, **(trainer_kwargs or {}))
+    train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed, num_workers)
+    start = time.perf_counter()
+    history = trainer.fit(train_loader, val_loader)
+    train_seconds = time.perf_counter() - start
+    predictions = trainer.predict(test_loader)
+    patient_ids = data.test.patient_ids[np.asarray(predictions.indices)]
+    per_class, overall = summarize(predictions.targets, predictions.probs, data.classes,
+                                   mask=predictions.masks, patient_ids=patient_ids,
+                                   n_boot=n_boot, seed=seed)
+    out.save_table(history, f"history_{tag}", caption=f"Training history of {tag}")
+    pred_dir = out.root / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(pred_dir / f"{tag}.npz", probs=predictions.probs, targets=predictions.targets,
+                        masks=predictions.masks,
+                        image_ids=data.test.records["image_id"].to_numpy()[np.asarray(predictions.indices)],
+                        patient_ids=patient_ids, classes=np.asarray(data.classes))
+    return RunResult(tag=tag, model_name=model_name, model=trainer.eval_model(), history=history,
+                     probs=predictions.probs, targets=predictions.targets, masks=predictions.masks,
+                     patient_ids=patient_ids, per_class=per_class, overall=overall,
+                     n_params=count_parameters(model), train_seconds=train_seconds,
+                     checkpoint_dir=checkpoint_dir)
+
+
+def comparison_table(runs: dict[str, RunResult]) -> pd.DataFrame:
+    return pd.DataFrame([run.row() for run in runs.values()])
+
+
+def per_class_table(runs: dict[str, RunResult]) -> pd.DataFrame:
+    """Classes as rows; for each model its AUC and 95% CI, plus positives in the test split."""
+    first = next(iter(runs.values())).per_class
+    table = first[["class", "n_pos", "n_neg"]].copy()
+    for tag, run in runs.items():
+        pc = run.per_class.set_index("class").reindex(table["class"])
+        table[f"{tag} AUC"] = pc["auc"].to_numpy()
+        table[f"{tag} 95% CI"] = [
+            "" if pd.isna(lo) else f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(pc["auc_low"], pc["auc_high"])]
+    return table

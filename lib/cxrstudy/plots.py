@@ -1,0 +1,167 @@
+"""Figures every notebook shares: one function per figure, each returning a matplotlib Figure."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Rectangle
+
+BOX_COLOUR = "#ff3b30"
+
+
+def prevalence_bars(table: pd.DataFrame, title: str = "Label prevalence") -> plt.Figure:
+    """Horizontal bars of ``prevalence`` per ``class`` (from :func:`explore.prevalence_table`)."""
+    fig, ax = plt.subplots(figsize=(6, 0.32 * len(table) + 1))
+    ordered = table.sort_values("prevalence")
+    ax.barh(ordered["class"], ordered["prevalence"], color="#3a6ea5")
+    for y, (p, n) in enumerate(zip(ordered["prevalence"], ordered["positives"])):
+        ax.text(p, y, f" {n}", va="center", fontsize=8)
+    ax.set_xlabel("prevalence among known labels (count of positives at bar end)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def cooccurrence_heatmap(matrix: pd.DataFrame, title: str = "P(column | row)") -> plt.Figure:
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(0.5 * len(matrix) + 2, 0.45 * len(matrix) + 1.5))
+    sns.heatmap(matrix, ax=ax, cmap="viridis", vmin=0, vmax=1, square=True,
+                cbar_kws={"shrink": 0.7}, annot=len(matrix) <= 15, fmt=".2f", annot_kws={"size": 6})
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def cohort_panels(records: pd.DataFrame) -> plt.Figure:
+    """Age histogram, sex and view counts, images per patient — the cohort at a glance."""
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+    age = pd.to_numeric(records["age"], errors="coerce").dropna()
+    axes[0].hist(age, bins=20, color="#3a6ea5")
+    axes[0].set_title("age (years)")
+    for ax, column in zip(axes[1:3], ("sex", "view")):
+        counts = records[column].fillna("unknown").value_counts()
+        ax.bar(counts.index.astype(str), counts.values, color="#6a9f58")
+        ax.set_title(column)
+    per_patient = records.groupby("patient_id").size().value_counts().sort_index()
+    axes[3].bar(per_patient.index.astype(str), per_patient.values, color="#b5651d")
+    axes[3].set_title("images per patient")
+    fig.tight_layout()
+    return fig
+
+
+def draw_boxes(ax, boxes: Sequence[Mapping], colour: str = BOX_COLOUR, label: bool = True) -> None:
+    for box in boxes:
+        ax.add_patch(Rectangle((box["x"], box["y"]), box["w"], box["h"], fill=False,
+                               edgecolor=colour, linewidth=1.5))
+        if label:
+            ax.text(box["x"], box["y"] - 1, box["label"], color=colour, fontsize=6, va="bottom")
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str],
+               boxes: Sequence[Sequence[Mapping]] | None = None, ncols: int = 6,
+               size: float = 2.0) -> plt.Figure:
+    """Grayscale images in a grid, with optional boxes (in each image's pixel units)."""
+    n = max(len(images), 1)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(titles[k], fontsize=7)
+        if boxes is not None:
+            draw_boxes(ax, boxes[k])
+    fig.tight_layout()
+    return fig
+
+
+def resolution_strip(images: Mapping[int, np.ndarray], title: str = "",
+                     boxes: Mapping[int, Sequence[Mapping]] | None = None) -> plt.Figure:
+    """The same image at each resolution, shown at the same display size (boxes per size)."""
+    fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 2.9))
+    for ax, (size, image) in zip(np.atleast_1d(axes), sorted(images.items())):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if boxes and size in boxes:
+            draw_boxes(ax, boxes[size], label=False)
+        ax.set_title(f"{size}×{size} px", fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(histories: Mapping[str, pd.DataFrame]) -> plt.Figure:
+    """Train/validation loss and validation macro AUC per epoch, one line per model."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for name, history in histories.items():
+        line, = axes[0].plot(history["epoch"], history["train_loss"], marker="o", label=f"{name} train")
+        if "val_loss" in history and history["val_loss"].notna().any():
+            axes[0].plot(history["epoch"], history["val_loss"], marker="x", linestyle="--",
+                         color=line.get_color(), label=f"{name} val")
+        if "val_macro_auc" in history:
+            axes[1].plot(history["epoch"], history["val_macro_auc"], marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="masked BCE", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="macro ROC-AUC", title="validation AUC")
+    axes[1].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(y_true: np.ndarray, scores: Mapping[str, np.ndarray], classes: Sequence[str],
+               mask: np.ndarray | None = None, ncols: int = 5) -> plt.Figure:
+    """Per-class ROC curves, one panel per class, one line per model (known labels only)."""
+    from sklearn.metrics import roc_curve
+
+    mask = np.ones_like(y_true, dtype=bool) if mask is None else np.asarray(mask).astype(bool)
+    nrows = int(np.ceil(len(classes) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
+    for c, ax in enumerate(axes.flat):
+        if c >= len(classes):
+            ax.axis("off")
+            continue
+        known = mask[:, c]
+        truth = y_true[known, c]
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
+        if truth.min(initial=1) == truth.max(initial=0):
+            ax.text(0.5, 0.5, "one class only:\nAUC undefined", ha="center", va="center", fontsize=7)
+        else:
+            for name, score in scores.items():
+                fpr, tpr, _ = roc_curve(truth, score[known, c])
+                ax.plot(fpr, tpr, linewidth=1, label=name)
+        ax.set_title(f"{classes[c]} (n+={int(truth.sum())})", fontsize=8)
+        ax.tick_params(labelsize=6)
+    handles, labels = next(((a.get_legend_handles_labels()) for a in axes.flat
+                            if a.get_legend_handles_labels()[0]), ([], []))
+    if handles:
+        fig.legend(handles, labels, loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def auc_forest(per_class: Mapping[str, pd.DataFrame], title: str = "Per-class ROC-AUC, 95% CI") -> plt.Figure:
+    """Per-class AUC with bootstrap CIs, models side by side (rows: classes)."""
+    names = list(per_class)
+    classes = list(next(iter(per_class.values()))["class"])
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(classes) + 1.2))
+    offsets = np.linspace(-0.2, 0.2, len(names)) if len(names) > 1 else [0.0]
+    for offset, name in zip(offsets, names):
+        table = per_class[name].set_index("class").reindex(classes)
+        y = np.arange(len(classes)) + offset
+        err = np.vstack([table["auc"] - table["auc_low"], table["auc_high"] - table["auc"]])
+        ax.errorbar(table["auc"], y, xerr=np.nan_to_num(err), fmt="o", markersize=3, capsize=2,
+                    label=name)
+    ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yticks(np.arange(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("ROC-AUC")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
