@@ -81,3 +81,24 @@ def test_bad_override_fails_before_any_notebook_runs(study, tmp_path):
     with pytest.raises(ConfigError, match="'epochs'"):
         run(study, tmp_path, executor, overrides=["epochs=2"])
     assert executor.calls == []
+
+
+def test_rerun_moves_earlier_outputs_aside_instead_of_overwriting(study, tmp_path):
+    run(study, tmp_path, RecordingExecutor())
+    marker = tmp_path / "results/tiny/00_explore/figures/old.png"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("earlier figure")
+    run(study, tmp_path, RecordingExecutor(), force=True)
+    moved = list((tmp_path / "results/tiny/_previous").glob("00_explore-*/figures/old.png"))
+    assert len(moved) == 1 and moved[0].read_text() == "earlier figure"
+    assert not marker.exists()
+
+
+def test_failed_run_with_same_parameters_is_resumed_in_place(study, tmp_path):
+    run(study, tmp_path, RecordingExecutor(fail={"00_explore"}))
+    checkpoint = tmp_path / "results/tiny/00_explore/checkpoints/last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("weights")
+    run(study, tmp_path, RecordingExecutor())
+    assert checkpoint.read_text() == "weights"
+    assert not (tmp_path / "results/tiny/_previous").exists()

@@ -51,6 +51,30 @@ def previous_fingerprint(output_dir: Path) -> str | None:
     return record.get("fingerprint") if record.get("status") == "ok" else None
 
 
+def previous_record(output_dir: Path) -> dict | None:
+    path = output_dir / PROVENANCE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> Path | None:
+    """Move earlier outputs aside before a rerun, so nothing is silently overwritten.
+
+    A failed run with the same fingerprint stays in place: its checkpoints let training resume.
+    """
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return None
+    record = previous_record(output_dir)
+    if record is not None and record.get("status") == "failed" and record.get("fingerprint") == fp:
+        log(f"    resuming in place: the last run of these parameters failed ({output_dir})")
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = output_dir.parent / "_previous" / f"{output_dir.name}-{stamp}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    output_dir.rename(target)
+    log(f"    earlier outputs moved to {target}")
+    return target
+
+
 def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
                      kernel_name: str = "python3", progress: bool = True) -> None:
     import papermill
@@ -105,6 +129,7 @@ def run_notebooks(
             results.append(NotebookResult(name, "skipped", 0.0, output_dir))
             continue
         log(f"{prefix}: running (profile {profile}) → {output_dir}")
+        archive_previous(output_dir, fp, log)
         start = time.perf_counter()
         error = None
         try:

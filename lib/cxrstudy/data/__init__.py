@@ -20,6 +20,9 @@ _ADAPTERS: dict[str, str] = {
     "synthetic": "cxrstudy.data.synthetic:SyntheticDataset",
 }
 
+# Names that are another adapter on a folder of their own under the data root.
+_ALIASES: dict[str, str] = {"nih-sample": "nih"}
+
 SPLITS = ("train", "val", "test", "all")
 
 
@@ -29,10 +32,20 @@ def register_dataset(name: str, target: str | type) -> None:
 
 
 def list_datasets() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted([*_ADAPTERS, *_ALIASES])
+
+
+def resolve_name(name: str, root=None) -> tuple[str, object]:
+    """Adapter name and root for ``name``: ``nih-sample`` is the NIH adapter on ``<root>/nih-sample``."""
+    if name in _ALIASES:
+        from ..paths import dataset_dir
+
+        return _ALIASES[name], dataset_dir(name, root)
+    return name, root
 
 
 def dataset_class(name: str) -> type:
+    name = _ALIASES.get(name, name)
     if name not in _ADAPTERS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
     target = _ADAPTERS[name]
@@ -69,7 +82,8 @@ def load_dataset(
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    adapter = dataset_class(name)
+    adapter_name, root = resolve_name(name, root)
+    adapter = dataset_class(adapter_name)
     full = adapter(root=root, image_size=image_size, strict=strict, **options)
     assignment = assign_splits(full, seed=seed, val_fraction=val_fraction,
                                test_fraction=test_fraction)
@@ -86,4 +100,4 @@ def load_dataset(
 
 
 __all__ = ["CXRDataset", "CorruptImageError", "collate", "load_dataset", "register_dataset",
-           "list_datasets", "dataset_class", "SPLITS"]
+           "list_datasets", "dataset_class", "resolve_name", "SPLITS"]

@@ -1,0 +1,74 @@
+"""Tiny papermill runs of the study notebooks on the real NIH sample, asserting on what they wrote.
+
+One run of all notebooks per test session (kernel start costs ~10 s each); the tests below read
+its outputs.
+"""
+import json
+
+import pandas as pd
+import pytest
+
+from cxrstudy.runner import run_notebooks
+
+
+@pytest.fixture(scope="session")
+def tiny_results(nih_sample_root, tmp_path_factory):
+    results_dir = tmp_path_factory.mktemp("results")
+    logs = []
+    outcome = run_notebooks(["00_data_exploration", "01_baseline"], "tiny",
+                            results_dir=results_dir, progress=False, log=logs.append)
+    statuses = {r.name: (r.status, r.error) for r in outcome}
+    assert all(s == "ok" for s, _ in statuses.values()), statuses
+    return results_dir / "tiny", logs
+
+
+def test_exploration_counts_the_sample(tiny_results):
+    root, _ = tiny_results
+    metrics = json.loads((root / "00_data_exploration/metrics.json").read_text())
+    # tiny keeps whole patients up to 240 images; the sample has one image per patient
+    assert metrics["images"] == 240 and metrics["patients"] == 240
+    assert set(metrics["prevalence"]) == {
+        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+        "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"}
+    assert all(0.0 <= p <= 1.0 for p in metrics["prevalence"].values())
+    prevalence = pd.read_csv(root / "00_data_exploration/tables/prevalence.csv")
+    assert prevalence["positives"].sum() > 0
+    for figure in ("cohort", "prevalence", "cooccurrence", "gallery", "resolutions"):
+        assert (root / f"00_data_exploration/figures/{figure}.png").stat().st_size > 1000
+        assert (root / f"00_data_exploration/figures/{figure}.svg").is_file()
+    full = {row["dataset"]: row for row in metrics["full_releases"]}
+    assert full["nih"]["images"] == 112120 and full["nih"]["patients"] == 30805
+
+
+def test_baseline_writes_metrics_with_confidence_intervals(tiny_results):
+    root, _ = tiny_results
+    metrics = json.loads((root / "01_baseline/metrics.json").read_text())
+    assert set(metrics["models"]) == {"efficientvit_m0", "densenet121"}
+    for name, model in metrics["models"].items():
+        overall = model["overall"]
+        assert 0.0 <= overall["macro_auc"] <= 1.0, name
+        assert overall["macro_auc_low"] <= overall["macro_auc"] <= overall["macro_auc_high"], name
+        assert model["epochs_trained"] == 1
+        aucs = [a for a in model["per_class_auc"].values() if a is not None]
+        assert aucs and all(0.0 <= a <= 1.0 for a in aucs)
+    splits = pd.read_csv(root / "01_baseline/splits.csv")
+    assert len(splits) == 240
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1  # no patient in two splits
+    per_class = pd.read_csv(root / "01_baseline/tables/per_class_auc.csv")
+    assert len(per_class) == 14 and "densenet121 AUC" in per_class.columns
+    delong = pd.read_csv(root / "01_baseline/tables/delong.csv")
+    assert len(delong) > 0
+    assert (root / "01_baseline/checkpoints/densenet121/best.pt").is_file() or \
+        (root / "01_baseline/checkpoints/densenet121/last.pt").is_file()
+
+
+def test_every_run_records_provenance_and_a_rerun_is_skipped(tiny_results):
+    root, _ = tiny_results
+    for name in ("00_data_exploration", "01_baseline"):
+        prov = json.loads((root / name / "provenance.json").read_text())
+        assert prov["status"] == "ok" and prov["params"]["profile"] == "tiny"
+        assert prov["packages"]["torch"] == "2.14.1"
+        assert (root / name / f"{name}.ipynb").is_file()
+    again = run_notebooks(["00_data_exploration"], "tiny", results_dir=root.parent,
+                          progress=False, log=lambda m: None)
+    assert [r.status for r in again] == ["skipped"]
