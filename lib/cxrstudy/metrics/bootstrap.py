@@ -31,8 +31,9 @@ def group_codes(groups, n_rows: int) -> tuple[np.ndarray, int]:
     groups = np.asarray(groups)
     if groups.ndim != 1 or len(groups) != n_rows:
         raise ValueError(f"groups must be one id per row ({n_rows}); got shape {groups.shape}")
-    if pd.isna(groups).any():
-        raise ValueError(f"groups holds a missing id at row {int(np.flatnonzero(pd.isna(groups))[0])}")
+    missing = np.flatnonzero(pd.isna(groups))
+    if len(missing):
+        raise ValueError(f"groups holds a missing id at row {int(missing[0])}")
     codes, uniques = pd.factorize(groups)
     return codes.astype(np.int64), len(uniques)
 

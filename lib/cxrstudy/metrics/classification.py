@@ -85,7 +85,9 @@ def midranks(values) -> np.ndarray:
     n = len(values)
     order = np.argsort(values, kind="mergesort")
     ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if n else np.array([], int)
+    if n == 0:
+        return np.empty(0)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     ends = np.r_[starts[1:], n]
     mid = (starts + ends + 1) / 2.0  # average of the 1-based ranks starts+1 .. ends
     ranks = np.empty(n, dtype=np.float64)

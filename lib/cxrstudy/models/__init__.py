@@ -1,0 +1,12 @@
+"""Models: :func:`create_model` over the study's registry and timm.
+
+>>> model = create_model("efficientvit_m5", num_classes=14, in_chans=1, image_size=224)
+>>> model.cxr_config   # what a checkpoint needs to rebuild it
+"""
+from .factory import count_parameters, create_model
+from .pretrained import PretrainedWeightsUnavailable, find_cached_weights, read_state_dict
+from .registry import ALIASES, STUDY_TIMM_MODELS, list_models, register_model, unregister_model
+
+__all__ = ["create_model", "count_parameters", "register_model", "unregister_model",
+           "list_models", "ALIASES", "STUDY_TIMM_MODELS", "PretrainedWeightsUnavailable",
+           "find_cached_weights", "read_state_dict"]
