@@ -41,7 +41,7 @@ def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     shrinking = size < min(image.shape)
     method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    return np.asarray(pil.resize((size, size), method), dtype=np.uint8)
+    return np.array(pil.resize((size, size), method), dtype=np.uint8)  # writable for torch
 
 
 def to_uint8_grayscale(image: np.ndarray) -> np.ndarray:

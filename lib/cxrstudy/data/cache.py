@@ -178,7 +178,8 @@ class ImageCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        sidecar["failures"] = [{"image_id": ids[i], "reason": r} for i, r in sorted(failures.items())]
+        sidecar["failures"] = [{"image_id": ids[row], "reason": reason}
+                               for row, reason in sorted(failures.items())]
         sidecar["complete"] = True
         sidecar["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _write_json_atomically(sidecar_path, sidecar)

@@ -41,8 +41,17 @@ UNCERTAINTY_POLICIES = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}
 BLANK_POLICIES = {"zeros": 0.0, "ignore": np.nan}
 VIEW_GROUPS = ("frontal", "lateral")
 _REQUIRED_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
-_PREFIX = re.compile(r"^CheXpert-v1\.0(-small)?/")
 _OFFICIAL_SPLIT = {"train": "train", "valid": "test", "test": "test"}
+# "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg": the prefix is stripped.
+_PATH_PATTERN = re.compile(r"^\s*(?:CheXpert-v1\.0(?:-small)?/)?(?P<relative>(?P<top>"
+                           + "|".join(_OFFICIAL_SPLIT)
+                           + r")/(?P<patient>patient\d+)/(?P<study>study\d+)/[^/]+?)\s*$")
+
+
+def _clean(values: pd.Series) -> pd.Series:
+    """Strip a low-cardinality text column through its unique values (fast on 200k rows)."""
+    uniques = values.dropna().unique()
+    return values.map({v: str(v).strip() for v in uniques})
 
 
 def _normalise_views(views) -> set[str]:
@@ -149,31 +158,30 @@ class CheXpertDataset(CXRDataset):
         def where(row: int, col: int | None = None) -> str:
             return f"{table.at[row, 'source_file']} line {table.at[row, 'source_line']}"
 
-        relative = table["Path"].astype(str).str.strip().str.replace(_PREFIX, "", regex=True)
-        patient = relative.str.extract(r"(patient\d+)", expand=False)
-        if patient.isna().any():
-            row = int(np.argmax(patient.isna().to_numpy()))
-            raise ValueError(f"{where(row)}: no patient id (patientNNNNN) in path "
-                             f"{table.at[row, 'Path']!r}")
-        top = relative.str.split("/", n=1).str[0]
+        matches = [_PATH_PATTERN.match(str(path)) for path in table["Path"].tolist()]
+        parts = pd.DataFrame([m.group("relative", "top", "patient", "study") if m else
+                              (None,) * 4 for m in matches],
+                             columns=["relative", "top", "patient", "study"])
+        unparsed = parts["relative"].isna()
+        if unparsed.any():
+            row = int(np.argmax(unparsed.to_numpy()))
+            raise ValueError(f"{where(row)}: path {table.at[row, 'Path']!r} is not "
+                             f"<{'|'.join(_OFFICIAL_SPLIT)}>/patientNNNNN/studyN/<file>")
+        relative, patient, top = parts["relative"], parts["patient"], parts["top"]
         official = top.map(_OFFICIAL_SPLIT)
-        if official.isna().any():
-            row = int(np.argmax(official.isna().to_numpy()))
-            raise ValueError(f"{where(row)}: path {table.at[row, 'Path']!r} is not under "
-                             f"{sorted(_OFFICIAL_SPLIT)}/")
-        frontal_lateral = table["Frontal/Lateral"].astype(str).str.strip().str.lower()
+        frontal_lateral = _clean(table["Frontal/Lateral"]).str.lower()
         bad_fl = ~frontal_lateral.isin(VIEW_GROUPS)
         if bad_fl.any():
             row = int(np.argmax(bad_fl.to_numpy()))
             raise ValueError(f"{where(row)}: Frontal/Lateral is "
                              f"{table.at[row, 'Frontal/Lateral']!r}")
-        ap_pa_values = table["AP/PA"].astype("string").str.strip().str.upper()
+        ap_pa_values = _clean(table["AP/PA"]).str.upper()
         view = np.where(frontal_lateral == "lateral", "Lateral",
                         ap_pa_values.fillna("Frontal").to_numpy(dtype=object))
 
         labels = apply_label_policies(table[list(CHEXPERT_CLASSES)].to_numpy(dtype=np.float64),
                                       uncertainty, blank, where)
-        sex = table["Sex"].astype(str).str.strip().map({"Male": "M", "Female": "F"})
+        sex = _clean(table["Sex"]).map({"Male": "M", "Female": "F"})
         records = pd.DataFrame({
             "image_id": relative.to_numpy(),
             "patient_id": patient.to_numpy(),
@@ -181,7 +189,7 @@ class CheXpertDataset(CXRDataset):
             "sex": sex.to_numpy(),
             "age": pd.to_numeric(table["Age"], errors="coerce").to_numpy(dtype=float),
             "official_split": official.to_numpy(),
-            "study": relative.str.extract(r"(study\d+)", expand=False).to_numpy(),
+            "study": parts["study"].to_numpy(),
         })
 
         keep = frontal_lateral.isin(view_groups).to_numpy(dtype=bool, copy=True)

@@ -154,13 +154,19 @@ def fetch(url: str, dest, *, checksum: str | None = None, dataset: str = "data",
             return fetch(url, dest, checksum=checksum, dataset=dataset, timeout=timeout,
                          progress=progress, chunk_bytes=chunk_bytes)
         raise DownloadError(f"Cannot download {dataset}: {url} answered HTTP {exc.code} "
-                            f"{exc.reason}. Check the URL or fetch it by hand into {dest}.") from None
+                            f"{exc.reason}. Check the URL or fetch it by hand into {dest}."
+                            ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise OfflineError(_offline_message(dataset, url, dest, exc)) from None
 
     with response:
         resumed = bool(offset) and response.status == 206
-        start = offset if resumed else 0
+        if resumed and not _range_starts_at(response.headers.get("Content-Range"), offset):
+            response.close()  # some other range than asked for: start over, append nothing
+            part.unlink()
+            return fetch(url, dest, checksum=checksum, dataset=dataset, timeout=timeout,
+                         progress=progress, chunk_bytes=chunk_bytes)
+        start = offset if resumed else 0  # a plain 200 answer is the whole file: rewrite
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
         bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
@@ -181,6 +187,14 @@ def fetch(url: str, dest, *, checksum: str | None = None, dataset: str = "data",
         raise DownloadError(f"The download of {dataset} from {url} stopped at {received} of "
                             f"{total} bytes. Run again to resume from there ({part}).")
     return _finish(part, dest, checksum)
+
+
+def _range_starts_at(content_range: str | None, offset: int) -> bool:
+    """Whether ``Content-Range: bytes START-END/TOTAL`` starts at ``offset``."""
+    if not content_range or not content_range.startswith("bytes "):
+        return False
+    start = content_range[len("bytes "):].split("-", 1)[0]
+    return start.isdigit() and int(start) == offset
 
 
 def _verify(path: Path, checksum: str, delete: bool) -> None:
@@ -379,9 +393,9 @@ def registration_steps(name: str, root=None) -> str:
         return "\n".join([
             "CheXpert needs a free registration (Stanford research use agreement); cxrstudy",
             "cannot download it for you. Steps:",
-            "  1. Open https://stanfordmlgroup.github.io/competitions/chexpert/ and follow its link",
-            "     to the Stanford AIMI dataset page (https://aimi.stanford.edu/shared-datasets);",
-            "     sign in and accept the CheXpert research use agreement.",
+            "  1. Open https://stanfordmlgroup.github.io/competitions/chexpert/ and follow its",
+            "     download link (the dataset is now served by Stanford AIMI); register and accept",
+            "     the CheXpert research use agreement.",
             "  2. Download CheXpert-v1.0-small.zip (the downsampled JPEG release, about 11 GB),",
             "     not the full-resolution CheXpert-v1.0.",
             f"  3. Unzip it inside {base} so that these exist:",
@@ -395,16 +409,22 @@ def registration_steps(name: str, root=None) -> str:
             "VinDr-CXR is credentialed-access data on PhysioNet; cxrstudy cannot download it for",
             "you. Steps:",
             "  1. Create a PhysioNet account (https://physionet.org/register/) and become a",
-            "     credentialed user (https://physionet.org/settings/credentialing/), which includes",
-            "     the required human-subjects research training.",
+            "     credentialed user (https://physionet.org/settings/credentialing/), which",
+            "     includes the required human-subjects research training.",
             "  2. Sign the data use agreement on https://physionet.org/content/vindr-cxr/1.0.0/",
-            "  3. Download the release's files from that page: the annotations/ folder (image-level",
-            "     labels and boxes for train and test) and the train/ and test/ DICOM folders.",
+            "  3. Download the release's files from that page: the annotations/ folder",
+            "     (image-level labels and boxes for train and test) and the train/ and test/",
+            "     DICOM folders.",
             f"  4. Put them under {folder}/ keeping the release's folder names, e.g.",
             f"       {folder}/annotations/",
             f"       {folder}/train/",
             f"       {folder}/test/",
+            "     DICOMs need pydicom to read (or save <image_id>.png copies next to them).",
             f"  5. Check it: cxrstudy data check vindr --root {base}",
+            "  Alternative: the Kaggle competition version (train.csv + train/ DICOMs, 14 local",
+            "  labels only; accept the rules on",
+            "  https://www.kaggle.com/c/vinbigdata-chest-xray-abnormalities-detection) in the same",
+            f"  folder {folder}/.",
         ])
     raise ValueError(f"{name!r} needs no registration")
 
@@ -428,6 +448,10 @@ def download(name: str, root=None, *, progress: bool = True, timeout: float = 30
         raise ValueError(f"cannot download {name!r}; downloadable: chestmnist, nih "
                          f"(chexpert and vindr print registration steps)")
     print(f"{name}: data in place under {folder}")
+    if name == "nih" and not (folder / "train_val_list.txt").exists():
+        print(f"note: the official split lists (train_val_list.txt, test_list.txt) are only in the "
+              f"NIH folder {NIH_BOX_FOLDER}; put them in {folder} to use the official test split "
+              f"(without them cxrstudy makes a seeded patient-level split).")
     return True
 
 

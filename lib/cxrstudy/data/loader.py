@@ -42,7 +42,8 @@ class BatchLoader:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if len(dataset) == 0:
-            raise ValueError(f"{getattr(dataset, 'name', 'dataset')}: cannot batch an empty dataset")
+            name = getattr(dataset, "name", "dataset")
+            raise ValueError(f"{name}: cannot batch an empty dataset")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -92,7 +93,12 @@ class BatchLoader:
 
     def _prepare_cached(self) -> None:
         if self._rows is None:
-            self._rows = self.dataset.cache.rows_for(self.dataset)
+            cache = self.dataset.cache
+            if cache.size != self.dataset.image_size:
+                raise ValueError(f"{self.dataset.name}: the attached cache holds {cache.size} px "
+                                 f"images but the dataset's image_size is "
+                                 f"{self.dataset.image_size}; attach a cache of that size")
+            self._rows = cache.rows_for(self.dataset)
             self._targets = torch.from_numpy(self.dataset.targets)
             self._masks = torch.from_numpy(self.dataset.masks)
 

@@ -1,0 +1,209 @@
+"""Evaluate a saved checkpoint on any dataset split, matching label spaces by name.
+
+A model trained on NIH knows "Effusion"; CheXpert calls it "Pleural Effusion"; VinDr has
+findings NIH never labelled. Classes are paired by :func:`cxrstudy.data.labels.match_classes`
+(case, separators and a small synonym table); a class on one side only is listed under
+``unmatched_model_classes`` / ``unmatched_dataset_classes`` and left out — never guessed.
+Metrics (per-class AUC with patient-bootstrap CIs, macro/micro AUC, AP, F1) come from
+:func:`cxrstudy.metrics.summarize` on the matched classes.
+
+Command line: ``cxrstudy evaluate runs/nih/best.pt --dataset chexpert --split test``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import create_model
+from .models.pretrained import load_exact
+from .train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint
+
+
+def _checkpoint_file(path) -> Path:
+    """A checkpoint file, or a run folder's best.pt (last.pt when no best.pt was written)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST_NAME, LAST_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} holds neither {BEST_NAME} nor {LAST_NAME}")
+    return path
+
+
+def load_model_from_checkpoint(path, map_location="cpu", use_ema: bool = True
+                               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as and load its weights (eval mode).
+
+    EMA weights are used when the run kept them (they are what validation selected),
+    unless ``use_ema=False``. ``meta`` holds the checkpoint's path, kind, epoch, class names,
+    model and training configs, history, best validation AUC and which weights were loaded.
+    """
+    path = _checkpoint_file(path)
+    payload = load_checkpoint(path, map_location=map_location)
+    config = payload.get("model_config") or {}
+    needed = ("name", "num_classes", "in_chans", "image_size")
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise ValueError(f"{path}: model_config lacks {missing}; the model was not built with "
+                         f"cxrstudy.models.create_model, so it cannot be rebuilt")
+    model = create_model(config["name"], config["num_classes"], in_chans=config["in_chans"],
+                         image_size=config["image_size"], pretrained=False,
+                         **dict(config.get("kwargs") or {}))
+    model.cxr_config = dict(config)
+    weights = "ema" if use_ema and payload.get("ema") is not None else "model"
+    load_exact(model, payload[weights], source=f"weights in {path}")
+    model.eval()
+    meta = {
+        "path": str(path), "kind": payload.get("kind"), "epoch": payload.get("epoch"),
+        "class_names": payload.get("class_names"), "model_config": dict(config),
+        "train_config": payload.get("train_config"), "history": payload.get("history", []),
+        "best_val_macro_auc": payload.get("best_val_macro_auc"),
+        "best_epoch": payload.get("best_epoch"), "weights": weights,
+    }
+    return model, meta
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, loader, device=None, progress: bool = True,
+                          desc: str = "evaluate") -> dict[str, np.ndarray]:
+    """Sigmoid outputs plus the batches' targets, masks and indices, concatenated in order."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    parts: dict[str, list] = {"probs": [], "targets": [], "masks": [], "indices": []}
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False):
+        logits = model(batch["image"].to(device, non_blocking=True)).float()
+        parts["probs"].append(torch.sigmoid(logits).cpu())
+        parts["targets"].append(batch["target"].float().cpu())
+        parts["masks"].append(batch["mask"].float().cpu())
+        parts["indices"].append(torch.as_tensor(batch["index"]).long().cpu())
+    if not parts["probs"]:
+        raise ValueError("the loader yielded no batches")
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(content, stream, indent=2, allow_nan=False)
+            stream.write("\n")
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "test",
+                        image_size: int | None = None, out=None, batch_size: int = 64,
+                        n_boot: int = 1000, *, seed: int = 0, class_names=None,
+                        overwrite: bool = False, use_ema: bool = True, device=None,
+                        num_workers: int = 0, progress: bool = True, **dataset_options) -> dict:
+    """Metrics of ``checkpoint`` on ``dataset_name``'s ``split``, written to ``out`` (JSON).
+
+    ``image_size`` defaults to the size the model was trained at. ``class_names`` overrides
+    the checkpoint's (needed only for checkpoints saved without them). ``dataset_options``
+    go to :func:`cxrstudy.data.load_dataset` (e.g. ``uncertainty``, ``cache=True``).
+    An existing ``out`` is replaced only with ``overwrite=True``.
+    """
+    from .data import load_dataset
+    from .data.labels import match_classes
+    from .data.loader import BatchLoader
+    from .metrics import json_ready, summarize
+
+    out = None if out is None else Path(out)
+    if out is not None and out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) or another --out")
+    model, meta = load_model_from_checkpoint(checkpoint, use_ema=use_ema)
+    model_classes = list(class_names) if class_names is not None else meta["class_names"]
+    if not model_classes:
+        raise ValueError(f"{meta['path']} stores no class names, so its outputs cannot be "
+                         f"matched to a dataset's labels by name; pass class_names=[...]")
+    if len(model_classes) != meta["model_config"]["num_classes"]:
+        raise ValueError(f"{len(model_classes)} class names for a model with "
+                         f"{meta['model_config']['num_classes']} outputs")
+    size = int(image_size or meta["model_config"]["image_size"])
+    dataset = load_dataset(dataset_name, root=root, split=split, image_size=size,
+                           progress=progress, **dataset_options)
+    pairs, only_model, only_dataset = match_classes(model_classes, dataset.classes)
+    if not pairs:
+        raise ValueError(f"no class of the model ({model_classes}) matches a class of "
+                         f"{dataset_name} ({list(dataset.classes)}) by name")
+
+    loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    outputs = predict_probabilities(model, loader, device=device, progress=progress,
+                                    desc=f"{dataset_name}/{split}")
+    model_columns = [model_classes.index(m) for m, _ in pairs]
+    dataset_columns = [list(dataset.classes).index(d) for _, d in pairs]
+    rows = outputs["indices"]
+    per_class, overall = summarize(
+        outputs["targets"][:, dataset_columns], outputs["probs"][:, model_columns],
+        classes=[d for _, d in pairs], mask=outputs["masks"][:, dataset_columns],
+        patient_ids=dataset.patient_ids[rows], n_boot=n_boot, seed=seed, progress=progress)
+    per_class.insert(1, "model_class", [m for m, _ in pairs])
+
+    result = json_ready({
+        "checkpoint": meta["path"], "checkpoint_kind": meta["kind"],
+        "checkpoint_epoch": meta["epoch"], "weights": meta["weights"],
+        "model": meta["model_config"]["name"], "model_config": meta["model_config"],
+        "dataset": dataset_name, "root": None if root is None else str(root), "split": split,
+        "image_size": size, "n_images": int(len(rows)),
+        "matched_classes": [{"model": m, "dataset": d} for m, d in pairs],
+        "unmatched_model_classes": list(only_model),
+        "unmatched_dataset_classes": list(only_dataset),
+        "overall": overall,
+        "per_class": per_class.to_dict(orient="records"),
+    })
+    if out is not None:
+        _write_json_atomically(out, result)
+        result["out"] = str(out)
+    return result
+
+
+def main_evaluate(args) -> int:
+    """``cxrstudy evaluate``: print the headline numbers, write the JSON; 2 on bad input."""
+    from .paths import DataNotFoundError
+
+    try:
+        result = evaluate_checkpoint(
+            args.checkpoint, args.dataset, root=getattr(args, "root", None),
+            split=getattr(args, "split", "test"), image_size=getattr(args, "image_size", None),
+            out=getattr(args, "out", None), batch_size=getattr(args, "batch_size", 64),
+            n_boot=getattr(args, "n_boot", 1000), overwrite=getattr(args, "overwrite", False),
+            progress=not getattr(args, "quiet", False))
+    except (FileNotFoundError, FileExistsError, DataNotFoundError, ValueError, KeyError) as exc:
+        print(f"cxrstudy evaluate: {exc}", file=sys.stderr)
+        return 2
+    overall = result["overall"]
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"{result['model']} on {result['dataset']}/{result['split']} "
+          f"({result['n_images']} images, {len(result['matched_classes'])} matched classes): "
+          f"macro AUC {fmt(overall['macro_auc'])} "
+          f"[{fmt(overall['macro_auc_low'])}, {fmt(overall['macro_auc_high'])}]")
+    if result["unmatched_model_classes"]:
+        print("  model classes without a dataset label: "
+              + ", ".join(result["unmatched_model_classes"]))
+    if result["unmatched_dataset_classes"]:
+        print("  dataset classes the model does not predict: "
+              + ", ".join(result["unmatched_dataset_classes"]))
+    if result.get("out"):
+        print(f"  metrics written to {result['out']}")
+    return 0
+
+
+__all__ = ["load_model_from_checkpoint", "evaluate_checkpoint", "predict_probabilities",
+           "main_evaluate"]

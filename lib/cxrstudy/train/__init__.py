@@ -1,0 +1,17 @@
+"""Training: losses, the Accelerate-based :class:`Trainer`, checkpoints and seeding.
+
+>>> trainer = Trainer(model, TrainConfig(epochs=5, lr=1e-4, checkpoint_dir="runs/a"),
+...                   class_names=ds.classes)
+>>> history = trainer.fit(train_loader, val_loader)
+>>> preds = trainer.predict(test_loader)      # probs, targets, masks, indices
+"""
+from .checkpoint import load_checkpoint, save_checkpoint
+from .losses import LOSSES, list_losses, make_loss, masked_bce, register_loss
+from .seeding import capture_rng_state, restore_rng_state, seed_everything
+from .trainer import (HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, launch_from_notebook,
+                      resolve_mixed_precision)
+
+__all__ = ["Trainer", "TrainConfig", "Predictions", "launch_from_notebook",
+           "resolve_mixed_precision", "HISTORY_COLUMNS", "masked_bce", "make_loss",
+           "register_loss", "list_losses", "LOSSES", "save_checkpoint", "load_checkpoint",
+           "seed_everything", "capture_rng_state", "restore_rng_state"]

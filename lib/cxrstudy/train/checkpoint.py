@@ -1,0 +1,108 @@
+"""Training checkpoints: one file each, written atomically, readable with ``weights_only=True``.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled
+classes), so loading it never runs code from the file. It is first written to a temporary
+file in the same folder and then moved over the old one with ``os.replace``: a crash while
+saving leaves the previous checkpoint intact, never a half-written one.
+
+Keys: ``format``, ``version``, ``kind`` ("last"/"best"), ``epoch`` (completed epochs),
+``model`` and ``ema`` (state dicts; ``ema`` None when off), ``optimizer``, ``scheduler``,
+``history`` (list of per-epoch dicts), ``rng`` (see :mod:`cxrstudy.train.seeding`),
+``loader_rng`` (states of data-loader generators), ``model_config`` (``model.cxr_config``),
+``class_names``, ``train_config``, ``best_val_macro_auc``, ``best_epoch``,
+``epochs_without_improvement``, ``stopped_early``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "cxrstudy-checkpoint"
+CHECKPOINT_VERSION = 1
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
+
+
+def check_plain(value: Any, where: str = "checkpoint") -> None:
+    """Raise TypeError naming the key of anything ``weights_only`` loading would refuse."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not str/int")
+            check_plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}; a checkpoint "
+                    f"holds only tensors, numbers, strings, None, lists and dicts")
+
+
+def to_cpu(value: Any) -> Any:
+    """Tensors (nested in dicts/lists) moved to the CPU so a checkpoint loads anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_cpu(v) for v in value)
+    return value
+
+
+def save_checkpoint(payload: dict, path) -> Path:
+    """Write ``payload`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **to_cpu(payload)}
+    check_plain(payload, str(path))
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a cxrstudy checkpoint (no format={CHECKPOINT_FORMAT!r}); "
+                         f"for bare weights use create_model(..., pretrained=path)")
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint version {payload['version']}, newer than this "
+                         f"cxrstudy understands ({CHECKPOINT_VERSION})")
+    return payload
+
+
+def existing_checkpoints(directory) -> list[Path]:
+    """The checkpoint files already in ``directory`` (last.pt, best.pt)."""
+    directory = Path(directory)
+    return [directory / name for name in (LAST_NAME, BEST_NAME) if (directory / name).is_file()]
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "existing_checkpoints", "check_plain", "to_cpu",
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_NAME", "BEST_NAME"]

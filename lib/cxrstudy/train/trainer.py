@@ -1,0 +1,548 @@
+"""The training loop every notebook uses, on Hugging Face Accelerate.
+
+One :class:`Trainer` covers CPU, one GPU and several GPUs (launched with
+:func:`launch_from_notebook`): Accelerate places the model, wraps it for DDP and autocast, and
+shards ``torch.utils.data.DataLoader`` inputs. The loop itself is plain:
+
+    for each batch: loss = training_step(batch); backward; clip; AdamW step; LR step; EMA update
+    after each epoch: validation macro AUC → best.pt, early stopping; last.pt
+
+Optimiser: AdamW (Loshchilov & Hutter, 2019) without weight decay on biases, norm parameters
+and the model's ``no_weight_decay()`` set. Learning rate per step t of T, with W warm-up steps:
+
+    lr(t) = lr · (t + 1) / W                                            for t < W
+    lr(t) = min_lr + (lr − min_lr) · ½ · (1 + cos(π · (t − W) / (T − W)))  otherwise
+
+EMA of the weights (timm ``ModelEmaV3``): θ_ema ← d · θ_ema + (1 − d) · θ after every step;
+validation, best-checkpoint selection and :meth:`Trainer.predict` use θ_ema when it is on.
+
+Batches are dicts with ``image`` [B,1,S,S], ``target`` [B,C], ``mask`` [B,C] (1 = known) and
+``index`` [B]; any iterable of them works (a DataLoader, :class:`cxrstudy.data.loader.BatchLoader`,
+a list). Subclasses override :meth:`Trainer.training_step` (e.g. knowledge distillation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .losses import masked_bce, make_loss
+from .seeding import capture_rng_state, restore_rng_state, seed_everything
+
+logger = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_macro_auc", "lr", "seconds",
+                   "images_per_s"]
+# Settings that only change how a run is watched or stored, not what it computes: a run may be
+# resumed with other values of these.
+_OPERATIONAL_FIELDS = {"checkpoint_dir", "resume", "overwrite", "log_every", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in its checkpoints).
+
+    ``warmup_epochs`` may be fractional (converted to optimiser steps). ``ema_decay`` None
+    turns EMA off. ``early_stopping_patience``: stop after that many epochs without a higher
+    validation macro AUC (None: never). ``mixed_precision``: "auto" (bf16 on CUDA, none on
+    CPU), "no", "bf16" or "fp16". ``cpu`` forces the CPU even where a GPU exists.
+    ``resume`` continues from ``checkpoint_dir/last.pt`` when it exists; ``overwrite`` allows
+    replacing the checkpoints of another run in ``checkpoint_dir``.
+    """
+
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    early_stopping_patience: int | None = None
+    mixed_precision: str = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 50
+    progress: bool = True
+    cpu: bool = False
+
+    def __post_init__(self):
+        if int(self.epochs) < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.lr < 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError("lr, min_lr and weight_decay must not be negative")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must not be negative, got {self.warmup_epochs}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {self.ema_decay}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError("early_stopping_patience must be at least 1 or None")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be auto/no/bf16/fp16, got "
+                             f"{self.mixed_precision!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {k: v for k, v in self.to_dict().items() if k not in _OPERATIONAL_FIELDS}
+
+
+@dataclass
+class Predictions:
+    """Model outputs on a loader, in the loader's order: arrays [N, C] and ``indices`` [N]."""
+
+    probs: np.ndarray
+    targets: np.ndarray
+    masks: np.ndarray
+    indices: np.ndarray
+    logits: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def resolve_mixed_precision(setting: str, cpu: bool = False) -> str:
+    """"auto" → "bf16" on a CUDA GPU that supports it, else "no"."""
+    if setting != "auto":
+        return setting
+    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def warmup_cosine_factor(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable:
+    """LR multiplier per optimiser step: linear warm-up, then cosine to ``min_ratio``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def launch_from_notebook(function: Callable, num_processes: int | None = None, args=(),
+                         **launcher_options):
+    """Run ``function(*args)`` on ``num_processes`` GPUs from a notebook (Accelerate's
+    ``notebook_launcher``; build the model, loaders and :class:`Trainer` inside ``function``)."""
+    from accelerate import notebook_launcher
+
+    return notebook_launcher(function, args=tuple(args), num_processes=num_processes,
+                             **launcher_options)
+
+
+def _loader_generators(loader) -> list[torch.Generator]:
+    """torch generators that decide a loader's order (resumed runs restore their states)."""
+    found: list[torch.Generator] = []
+    candidates = [getattr(loader, "generator", None),
+                  getattr(getattr(loader, "sampler", None), "generator", None),
+                  getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+                          "generator", None),
+                  getattr(loader, "synchronized_generator", None)]
+    for gen in candidates:
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+class Trainer:
+    """Fit, validate, checkpoint and predict a multi-label classifier (see module docstring).
+
+    ``loss_fn(logits, target, mask) -> scalar`` or the name of a registered loss.
+    ``augment`` is applied to the image tensor on the device, in training only.
+    ``class_names`` are stored in checkpoints so evaluation can match label spaces by name.
+    Seed the model's initialisation yourself (``seed_everything`` before ``create_model``);
+    ``fit`` seeds everything it draws (data order, dropout) from ``config.seed``.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None,
+                 loss_fn: Callable | str = masked_bce, augment: Callable | None = None,
+                 class_names: list[str] | None = None):
+        from accelerate import Accelerator
+
+        self.config = config or TrainConfig()
+        self.loss_fn = make_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
+        self.augment = augment
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision,
+                                                       self.config.cpu)
+        self.accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.mixed_precision)
+        self.model_config = dict(getattr(model, "cxr_config", {}) or {})
+        optimizer = self._make_optimizer(model)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ema = None
+        if self.config.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.unwrapped_model, decay=self.config.ema_decay)
+        self.scheduler = None
+        self.history: list[dict[str, Any]] = []
+        self.global_step = 0
+        self.best_val_macro_auc = -math.inf
+        self.best_epoch = None
+        self.epochs_without_improvement = 0
+        self.stopped_early = False
+        self._prepared_loaders: dict[int, Any] = {}
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights used for validation and prediction: EMA when on, else the live model."""
+        return self.ema.module if self.ema is not None else self.unwrapped_model
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        from timm.optim import param_groups_weight_decay
+
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(model, self.config.weight_decay,
+                                           no_weight_decay_list=skip)
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
+
+    def _make_scheduler(self, steps_per_epoch: int):
+        cfg = self.config
+        total = cfg.epochs * steps_per_epoch
+        warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+        min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        return torch.optim.lr_scheduler.LambdaLR(base, warmup_cosine_factor(total, warmup,
+                                                                            min_ratio))
+
+    def _prepare_loader(self, loader):
+        """Shard a DataLoader across processes; other iterables are used as they are."""
+        if loader is None:
+            return None
+        if isinstance(loader, torch.utils.data.DataLoader):
+            key = id(loader)
+            if key not in self._prepared_loaders:
+                self._prepared_loaders[key] = (loader, self.accelerator.prepare_data_loader(loader))
+            return self._prepared_loaders[key][1]
+        if self.accelerator.num_processes > 1:
+            raise ValueError(
+                f"{type(loader).__name__} is not a torch DataLoader, so it cannot be sharded over "
+                f"{self.accelerator.num_processes} processes; pass a DataLoader for multi-GPU runs")
+        return loader
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _bar(self, iterable, total, desc):
+        show = self.config.progress and self.accelerator.is_local_main_process
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show,
+                    dynamic_ncols=True)
+
+    # ---- the overridable step ------------------------------------------------------------------
+    def training_step(self, batch: dict) -> torch.Tensor:
+        """Loss of one batch (already on the device); the model is in training mode."""
+        images = batch["image"]
+        if self.augment is not None:
+            images = self.augment(images)
+        logits = self.model(images)
+        return self.loss_fn(logits, batch["target"], batch["mask"])
+
+    # ---- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, loader: Iterable[dict], desc: str = "predict") -> Predictions:
+        """Probabilities on every batch of ``loader`` (EMA weights when EMA is on)."""
+        loader = self._prepare_loader(loader)
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        parts: dict[str, list] = {"logits": [], "target": [], "mask": [], "index": []}
+        total = len(loader) if hasattr(loader, "__len__") else None
+        try:
+            for batch in self._bar(loader, total, desc):
+                batch = self._to_device(batch)
+                with self.accelerator.autocast():
+                    logits = model(batch["image"])
+                gathered = self.accelerator.gather_for_metrics(
+                    (logits.float(), batch["target"].float(), batch["mask"].float(),
+                     batch["index"].long()))
+                for key, value in zip(parts, gathered):
+                    parts[key].append(value.cpu())
+        finally:
+            model.train(was_training)
+        if not parts["logits"]:
+            raise ValueError("the loader yielded no batches")
+        logits = torch.cat(parts["logits"]).numpy()
+        return Predictions(probs=1.0 / (1.0 + np.exp(-logits)),
+                           targets=torch.cat(parts["target"]).numpy(),
+                           masks=torch.cat(parts["mask"]).numpy(),
+                           indices=torch.cat(parts["index"]).numpy(), logits=logits)
+
+    def validate(self, loader) -> tuple[float, float]:
+        """(masked BCE, macro AUC) on ``loader``: BCE is the task loss whatever we train with."""
+        from cxrstudy.metrics import macro_auc
+
+        preds = self.predict(loader, desc="validate")
+        loss = float(masked_bce(torch.from_numpy(preds.logits), torch.from_numpy(preds.targets),
+                                torch.from_numpy(preds.masks)))
+        return loss, float(macro_auc(preds.targets, preds.probs, preds.masks))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return None if self.config.checkpoint_dir is None else Path(self.config.checkpoint_dir)
+
+    def _identity(self) -> dict:
+        return {"model_config": self.model_config, "train_config": self.config.run_identity(),
+                "class_names": self.class_names}
+
+    def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
+        """Everything needed to continue this run exactly, as a weights-only dict."""
+        generators = _loader_generators(train_loader) if train_loader is not None else []
+        return {
+            "kind": kind, "epoch": int(epoch),
+            "model": self.unwrapped_model.state_dict(),
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "global_step": int(self.global_step),
+            "history": [dict(row) for row in self.history],
+            "rng": capture_rng_state(),
+            "loader_rng": [g.get_state() for g in generators],
+            "model_config": self.model_config,
+            "class_names": self.class_names,
+            "train_config": self.config.to_dict(),
+            "best_val_macro_auc": float(self.best_val_macro_auc),
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": int(self.epochs_without_improvement),
+            "stopped_early": bool(self.stopped_early),
+        }
+
+    def save(self, name: str, epoch: int, train_loader=None) -> Path | None:
+        """Write ``checkpoint_dir/name`` (main process only)."""
+        if self.checkpoint_dir is None:
+            return None
+        payload = self.state_payload(name.removesuffix(".pt"), epoch, train_loader)
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt.save_checkpoint(payload, self.checkpoint_dir / name)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _check_same_run(self, payload: dict, path: Path) -> None:
+        stored = {"model_config": payload.get("model_config"),
+                  "train_config": {k: v for k, v in (payload.get("train_config") or {}).items()
+                                   if k not in _OPERATIONAL_FIELDS},
+                  "class_names": payload.get("class_names")}
+        ours = self._identity()
+        ours["train_config"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                for k, v in ours["train_config"].items()}
+        stored["train_config"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                  for k, v in stored["train_config"].items()}
+        differences = []
+        for section in ours:
+            a, b = stored[section], ours[section]
+            if isinstance(a, dict) and isinstance(b, dict):
+                differences += [f"{section}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
+                                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                differences.append(f"{section}: checkpoint {a!r} vs now {b!r}")
+        if differences:
+            raise ValueError(f"cannot resume from {path}: it holds a different run:\n  "
+                             + "\n  ".join(differences)
+                             + "\nUse another checkpoint_dir, or overwrite=True with resume=False.")
+
+    def load_state(self, payload: dict, train_loader=None) -> None:
+        """Restore model, EMA, optimiser, scheduler, counters, history and RNG from a payload."""
+        self.unwrapped_model.load_state_dict(payload["model"])
+        if self.ema is not None:
+            if payload.get("ema") is None:
+                raise ValueError("the checkpoint has no EMA weights but ema_decay is set")
+            self.ema.module.load_state_dict(payload["ema"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload.get("scheduler") is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        self.global_step = int(payload.get("global_step", 0))
+        self.history = [dict(row) for row in payload.get("history", [])]
+        self.best_val_macro_auc = float(payload.get("best_val_macro_auc", -math.inf))
+        self.best_epoch = payload.get("best_epoch")
+        self.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
+        self.stopped_early = bool(payload.get("stopped_early", False))
+        restore_rng_state(payload["rng"])
+        generators = _loader_generators(train_loader) if train_loader is not None else []
+        for gen, state in zip(generators, payload.get("loader_rng") or []):
+            gen.set_state(state)
+
+    def load_best(self) -> dict:
+        """Load ``best.pt``'s weights (and EMA) into this trainer's model; returns the payload."""
+        if self.checkpoint_dir is None:
+            raise ValueError("no checkpoint_dir is configured")
+        payload = ckpt.load_checkpoint(self.checkpoint_dir / ckpt.BEST_NAME)
+        self.unwrapped_model.load_state_dict(payload["model"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.module.load_state_dict(payload["ema"])
+        return payload
+
+    def _start(self, train_loader) -> int:
+        """Resume or start fresh; returns the number of epochs already done."""
+        cfg = self.config
+        directory = self.checkpoint_dir
+        if directory is None:
+            if cfg.resume:
+                raise ValueError("resume=True needs a checkpoint_dir")
+        else:
+            existing = ckpt.existing_checkpoints(directory)
+            last = directory / ckpt.LAST_NAME
+            if cfg.resume and last.is_file():
+                payload = ckpt.load_checkpoint(last)
+                self._check_same_run(payload, last)
+                self.load_state(payload, train_loader)
+                logger.info("resumed from %s after epoch %d", last, payload["epoch"])
+                return int(payload["epoch"])
+            if existing and not cfg.resume:
+                if not cfg.overwrite:
+                    raise FileExistsError(
+                        f"{directory} already holds checkpoints of a run "
+                        f"({', '.join(p.name for p in existing)}); pass resume=True to continue "
+                        f"it, overwrite=True to replace it, or choose another checkpoint_dir")
+                if self.accelerator.is_main_process:
+                    for path in existing:
+                        path.unlink()
+            if existing and cfg.resume:  # best.pt without last.pt: not a run we can continue
+                raise FileExistsError(f"{directory} has {existing[0].name} but no last.pt to "
+                                      f"resume from; use overwrite=True or another directory")
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.history, self.global_step = [], 0
+        self.best_val_macro_auc, self.best_epoch = -math.inf, None
+        self.epochs_without_improvement, self.stopped_early = 0, False
+        return 0
+
+    # ---- training ------------------------------------------------------------------------------
+    def fit(self, train_loader: Iterable[dict], val_loader: Iterable[dict] | None = None
+            ) -> pd.DataFrame:
+        """Train for ``config.epochs`` (or until early stopping); returns the history table.
+
+        History columns: epoch (1-based), train_loss (mean over images), val_loss (masked BCE),
+        val_macro_auc (NaN without ``val_loader``), lr (of the epoch's last step), seconds
+        (whole epoch with validation), images_per_s (training throughput, all processes).
+        """
+        cfg = self.config
+        loader = self._prepare_loader(train_loader)
+        val = self._prepare_loader(val_loader)
+        try:
+            steps_per_epoch = len(loader)
+        except TypeError as exc:
+            raise TypeError(f"the training loader ({type(train_loader).__name__}) must have a "
+                            f"length: the LR schedule is defined in optimiser steps") from exc
+        if steps_per_epoch == 0:
+            raise ValueError("the training loader yields no batches")
+        self.scheduler = self._make_scheduler(steps_per_epoch)
+        done = self._start(loader)
+        if done >= cfg.epochs or self.stopped_early:
+            return self.history_frame()
+
+        for epoch in range(done, cfg.epochs):
+            started = time.perf_counter()
+            row = self._train_epoch(loader, epoch, steps_per_epoch)
+            if val is not None:
+                row["val_loss"], row["val_macro_auc"] = self.validate(val)
+                improved = row["val_macro_auc"] > self.best_val_macro_auc  # NaN never improves
+                if improved:
+                    self.best_val_macro_auc, self.best_epoch = row["val_macro_auc"], epoch + 1
+                    self.epochs_without_improvement = 0
+                else:
+                    self.epochs_without_improvement += 1
+                patience = cfg.early_stopping_patience
+                self.stopped_early = (patience is not None
+                                      and self.epochs_without_improvement >= patience
+                                      and epoch + 1 < cfg.epochs)
+            else:
+                row["val_loss"] = row["val_macro_auc"] = float("nan")
+                improved = False
+            row["seconds"] = time.perf_counter() - started
+            self.history.append(row)
+            self._report(row)
+            if improved:
+                self.save(ckpt.BEST_NAME, epoch + 1, loader)
+            self.save(ckpt.LAST_NAME, epoch + 1, loader)
+            if self.stopped_early:
+                logger.info("early stopping after epoch %d: no better validation macro AUC "
+                            "for %d epochs", epoch + 1, cfg.early_stopping_patience)
+                break
+        return self.history_frame()
+
+    def _train_epoch(self, loader, epoch: int, steps_per_epoch: int) -> dict[str, Any]:
+        cfg = self.config
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        images = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        bar = self._bar(loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+        for step, batch in enumerate(bar):
+            batch = self._to_device(batch)
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss = self.training_step(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch "
+                                         f"{epoch + 1}, step {step + 1}")
+            self.accelerator.backward(loss)
+            if cfg.grad_clip is not None:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            if self.ema is not None:
+                self.ema.update(self.unwrapped_model, step=self.global_step)
+            size = batch["image"].shape[0]
+            loss_sum += loss.detach().double() * size
+            images += size
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                running = loss_sum.item() / max(images, 1)
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+                if not cfg.progress:
+                    logger.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, step + 1,
+                                steps_per_epoch, running, lr)
+        seconds = time.perf_counter() - started  # training only, for the throughput
+        totals = torch.stack([loss_sum, torch.tensor(float(images), dtype=torch.float64,
+                                                     device=self.device)])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return {"epoch": epoch + 1, "train_loss": float(totals[0] / totals[1].clamp_min(1)),
+                "lr": float(lr),
+                "images_per_s": float(totals[1]) / seconds if seconds > 0 else float("nan")}
+
+    def _report(self, row: dict) -> None:
+        line = (f"epoch {row['epoch']}/{self.config.epochs}: train_loss {row['train_loss']:.4f}"
+                f"  val_loss {row['val_loss']:.4f}  val_macro_auc {row['val_macro_auc']:.4f}"
+                f"  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s")
+        logger.info(line)
+        if self.config.progress and self.accelerator.is_local_main_process:
+            tqdm.write(line)
+
+    def history_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.history, columns=HISTORY_COLUMNS)
+
+
+__all__ = ["TrainConfig", "Trainer", "Predictions", "launch_from_notebook",
+           "resolve_mixed_precision", "warmup_cosine_factor", "HISTORY_COLUMNS"]

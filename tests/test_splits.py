@@ -1,0 +1,123 @@
+"""Patient-level splits: no leakage, determinism, official splits, saving/loading."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrstudy.data.splits import align_splits, assign_splits, load_splits, save_splits
+
+
+def fake_dataset(patients, official=None):
+    """A stand-in with only what assign_splits reads: records with image/patient ids."""
+    records = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(patients))],
+                            "patient_id": [str(p) for p in patients]})
+    if official is not None:
+        records["official_split"] = official
+    return SimpleNamespace(name="fake", records=records)
+
+
+def patients_per_split(dataset, assignment):
+    return {s: set(dataset.records["patient_id"][assignment == s]) for s in ("train", "val", "test")}
+
+
+def test_no_patient_in_two_splits_and_fractions_by_patient():
+    rng = np.random.default_rng(1)
+    patients = rng.integers(0, 200, size=1000)  # 1000 images of (at most) 200 patients
+    ds = fake_dataset(patients)
+    assignment = assign_splits(ds, seed=0, val_fraction=0.1, test_fraction=0.2)
+    groups = patients_per_split(ds, assignment)
+    assert not groups["train"] & groups["val"]
+    assert not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+    n = len(np.unique(patients))
+    assert len(groups["test"]) == round(0.2 * n) and len(groups["val"]) == round(0.1 * n)
+    assert set(assignment) == {"train", "val", "test"}
+
+
+def test_deterministic_per_seed_and_different_across_seeds():
+    ds = fake_dataset(np.arange(300) // 3)
+    a = assign_splits(ds, seed=7)
+    assert (a == assign_splits(ds, seed=7)).all()
+    assert (a != assign_splits(ds, seed=8)).any()
+
+
+def test_split_does_not_depend_on_row_order():
+    patients = np.arange(120) // 2
+    ds = fake_dataset(patients)
+    order = np.random.default_rng(0).permutation(len(patients))
+    shuffled = fake_dataset(patients[order])
+    a, b = assign_splits(ds, seed=3), assign_splits(shuffled, seed=3)
+    by_patient_a = dict(zip(ds.records["patient_id"], a))
+    by_patient_b = dict(zip(shuffled.records["patient_id"], b))
+    assert by_patient_a == by_patient_b
+
+
+def test_three_patients_give_three_non_empty_splits_two_raise():
+    a = assign_splits(fake_dataset(["p1", "p1", "p2", "p3"]), seed=0)
+    assert sorted(set(a)) == ["test", "train", "val"]
+    with pytest.raises(ValueError, match="at least 3 patients"):
+        assign_splits(fake_dataset(["p1", "p2", "p2"]), seed=0)
+
+
+def test_zero_fraction_leaves_that_split_empty():
+    a = assign_splits(fake_dataset(range(50)), seed=0, val_fraction=0.0, test_fraction=0.2)
+    assert "val" not in set(a) and (a == "test").sum() == 10
+
+
+def test_bad_fractions_raise():
+    with pytest.raises(ValueError, match="leave patients"):
+        assign_splits(fake_dataset(range(10)), val_fraction=0.5, test_fraction=0.5)
+
+
+def test_official_split_kept_and_val_carved_from_train_patients():
+    patients = np.repeat(np.arange(40), 2)           # 40 patients, 2 images each
+    official = np.where(patients < 10, "test", "train")
+    ds = fake_dataset(patients, official)
+    a = assign_splits(ds, seed=0, val_fraction=0.1, test_fraction=0.5)
+    assert ((a == "test") == (official == "test")).all()   # test_fraction unused
+    groups = patients_per_split(ds, a)
+    assert len(groups["val"]) == 3                          # round(0.1 * 30 training patients)
+    assert not groups["val"] & groups["train"]
+
+
+def test_official_val_is_honoured():
+    official = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    a = assign_splits(fake_dataset(range(10), official), seed=5)
+    assert list(a) == official
+
+
+def test_unknown_official_value_raises():
+    with pytest.raises(ValueError, match="valid"):
+        assign_splits(fake_dataset(range(4), ["train", "valid", "test", "train"]))
+
+
+def test_save_and_load_round_trip_without_overwriting(tmp_path):
+    ds = fake_dataset(np.arange(30) // 2)
+    a = assign_splits(ds, seed=0)
+    path = save_splits(ds, a, tmp_path / "splits" / "nih_seed0.csv")
+    table = load_splits(path)
+    assert list(table.columns) == ["image_id", "patient_id", "split"]
+    assert (table["split"].to_numpy() == a).all()
+    assert (align_splits(ds, table) == a).all()
+    with pytest.raises(FileExistsError):
+        save_splits(ds, a, path)
+    save_splits(ds, np.full(len(a), "train"), path, overwrite=True)
+    assert set(load_splits(path)["split"]) == {"train"}
+
+
+def test_load_rejects_bad_split_names(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("image_id,patient_id,split\na,1,train\nb,2,holdout\n")
+    with pytest.raises(ValueError, match="line 3"):
+        load_splits(path)
+
+
+def test_align_names_images_without_a_split():
+    ds = fake_dataset([1, 2, 3])
+    table = pd.DataFrame({"image_id": ["img0", "img1"], "patient_id": ["1", "2"],
+                          "split": ["train", "test"]})
+    with pytest.raises(KeyError, match="img2"):
+        align_splits(ds, table)
