@@ -77,16 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="check or download a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True)
+    from .data.check import add_check_arguments
+    from .data.download import add_download_arguments
+
     check = data_sub.add_parser("check", help="counts, prevalence, missing/corrupt files; exit 1 on problems")
-    check.add_argument("name")
-    check.add_argument("--root", default=None, help="dataset folder (default: $CXRSTUDY_DATA_ROOT/<name>)")
-    check.add_argument("--image-size", type=int, default=None)
-    check.set_defaults(func=_cmd_data_check)
+    add_check_arguments(check).set_defaults(func=_cmd_data_check)
     download = data_sub.add_parser("download", help="download a dataset (or print registration steps)")
-    download.add_argument("name")
-    download.add_argument("--root", default=None, help="data root (default: $CXRSTUDY_DATA_ROOT)")
-    download.add_argument("--sizes", default=None, help="ChestMNIST sizes, e.g. 28,64,128,224")
-    download.set_defaults(func=_cmd_data_download)
+    add_download_arguments(download).set_defaults(func=_cmd_data_download)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved checkpoint on any dataset")
     evaluate.add_argument("checkpoint")

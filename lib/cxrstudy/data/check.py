@@ -126,12 +126,13 @@ def check_dataset(name: str, root=None, image_size: int | None = None, progress:
     Errors while building the adapter (a missing or malformed label file) are caught into
     ``problems`` so the report always comes back.
     """
-    from . import dataset_class
+    from . import dataset_class, resolve_name
 
     report = CheckReport(name=name, root=None if root is None else str(root))
     try:
         options = {} if image_size is None else {"image_size": int(image_size)}
-        dataset = dataset_class(name)(root=root, strict=False, **options)
+        adapter_name, adapter_root = resolve_name(name, root)
+        dataset = dataset_class(adapter_name)(root=adapter_root, strict=False, **options)
     except Exception as exc:  # report any failure to parse, whatever its type
         report.problems.append(f"cannot load dataset {name!r} from {root}: "
                                f"{exc.__class__.__name__}: {exc}")

@@ -229,8 +229,8 @@ class SyntheticDataset(CXRDataset):
             x0, x1 = c0 + 0.35 * (128 - c0), c1 - 0.35 * (c1 - 128)
             return Lesion(key, label, {"x0": x0, "x1": x1, "cy": y0 + 5, "s": spread,
                                        "a": 0.20 * strength},
-                          (x0 - 1.5 * spread, y0 + 5 - 1.5 * spread,
-                           x1 - x0 + 3 * spread, 3 * spread))
+                          (x0 - 2.5 * spread, y0 + 5 - 2.5 * spread,
+                           x1 - x0 + 5 * spread, 5 * spread))
         if key == "emphysema":
             (c0, y0, ax0, ay0), (c1, _, ax1, ay1) = scene.lungs
             grow = rng.uniform(1.08, 1.15)
@@ -265,7 +265,11 @@ class SyntheticDataset(CXRDataset):
         return self.render(int(self.records.at[i, "phantom_index"]), self.image_size)
 
     def render(self, index: int, size: int) -> np.ndarray:
-        scene = self.scene(index)
+        """Image ``index`` (its position among the ``n_images``) at ``size`` pixels."""
+        return self.render_scene(self.scene(index), index, size)
+
+    def render_scene(self, scene: Scene, index: int, size: int) -> np.ndarray:
+        """Rasterise a scene; ``index`` fixes the noise. Edit ``scene.lesions`` to ablate."""
         coords = (np.arange(size, dtype=np.float32) + 0.5) * (REFERENCE / size)
         xx, yy = np.meshgrid(coords, coords)
         soft = max(1.0, REFERENCE / size)  # edge softness: about one output pixel
