@@ -168,12 +168,14 @@ def test_fabricated_images_are_read(tmp_path):
     assert list(test_part.records["patient_id"]) == ["patient64541"]
 
 
-def test_missing_image_is_left_out_or_raises_when_strict(tmp_path):
+def test_missing_image_is_reported_or_raises_when_strict(tmp_path):
     root = fabricated_root(tmp_path)
     (root / "train/patient00003/study2/view1_frontal.jpg").unlink()
-    with pytest.warns(UserWarning, match="patient00003"):
+    with pytest.warns(UserWarning, match="1 of 4 .*patient00003"):
         ds = CheXpertDataset(root=root, image_size=16)
-    assert len(ds) == 3
+    assert len(ds) == 4
+    with pytest.raises(FileNotFoundError, match="patient00003"):
+        ds.read_image(2)
     with pytest.raises(DataNotFoundError, match="patient00003"):
         CheXpertDataset(root=root, image_size=16, strict=True)
 

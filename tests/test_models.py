@@ -143,6 +143,13 @@ def test_offline_without_cached_weights_fails_at_once_and_says_why(empty_weight_
     assert "HF_HUB_OFFLINE=0" in message  # how to get them
 
 
+def test_online_but_unreachable_hub_fails_at_once(empty_weight_caches, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(PretrainedWeightsUnavailable, match="cannot be reached"):
+        create_model("efficientvit_m5", num_classes=14, pretrained=True)
+
+
 def _fake_hub_snapshot(hf_home, repo: str, state_dict: dict) -> None:
     """The Hugging Face cache layout: refs/main names the snapshot holding the file."""
     folder = hf_home / "hub" / ("models--" + repo.replace("/", "--"))

@@ -1,7 +1,6 @@
 """NIH ChestX-ray14 adapter: the real sample, the full packaged label file, fabricated quirks."""
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import shutil
 from pathlib import Path
@@ -196,13 +195,18 @@ def test_full_label_file_with_a_handful_of_fabricated_images(packaged_root, tmp_
     names = ["00000001_000.png", "00000001_001.png", "00000013_005.png", "00013118_008.png"]
     for k, name in enumerate(names):
         write_png(root / f"images_00{k % 2 + 1}" / "images" / name, size=(40 + k, 30))
-    with pytest.warns(UserWarning, match="missing"):
-        ds = NIHDataset(root=root, image_size=16, views=None)
-    assert list(ds.records["image_id"]) == names
+    with pytest.warns(UserWarning, match="112116 of 112120 images listed are missing"):
+        full = NIHDataset(root=root, image_size=16, views=None)
+    assert len(full) == 112120   # missing files stay listed: data check and the cache name them
+    rows = [row_of(full, name) for name in names]
+    ds = full.subset(rows)
     assert (ds.labels[0] == onehot("Cardiomegaly")).all()
     assert (ds.labels[1] == onehot("Cardiomegaly", "Emphysema")).all()
     # Sizes come from the files, not from an assumed 1024.
     assert [ds.read_image(i).shape for i in range(4)] == [(30, 40), (30, 41), (30, 42), (30, 43)]
+    absent = row_of(full, "00000002_000.png")
+    with pytest.raises(FileNotFoundError, match="00000002_000.png"):
+        full.read_image(absent)
     # 00013118_008.png has an Atelectasis box at x=225.084745762712 (1024 space).
     box = ds.boxes_for(3)
     assert box[0]["label"] == "Atelectasis"

@@ -57,7 +57,7 @@ def test_every_positive_label_has_a_box_inside_the_frame(phantom):
 
 def test_each_lesion_changes_pixels_only_inside_its_box():
     """Ablate one lesion from a scene: the pixels that change must lie inside its box."""
-    size, margin = 128, 3  # margin in output pixels, for soft edges
+    size, margin = 128, 4  # margin in output pixels, for soft edges
     ds = SyntheticDataset(image_size=size, n_images=400, seed=3)
     for c, name in enumerate(NIH_CLASSES):
         i = int(np.nonzero(ds.labels[:, c])[0][0])
@@ -78,7 +78,8 @@ def test_each_lesion_changes_pixels_only_inside_its_box():
 
 
 def test_prevalence_is_nih_like_but_never_vanishing():
-    assert prevalence("Infiltration") == pytest.approx(1.5 * 0.177)
+    assert prevalence("Effusion") == pytest.approx(1.5 * 0.119)
+    assert prevalence("Infiltration") == pytest.approx(0.25)
     assert prevalence("Hernia") == pytest.approx(0.04)
     ds = SyntheticDataset(image_size=16, n_images=2000, seed=0)
     observed = ds.labels.mean(axis=0)
@@ -110,7 +111,16 @@ def test_load_dataset_splits_by_patient():
     assert not patients["train"] & patients["val"]
 
 
-def test_a_small_cnn_learns_it_but_not_perfectly():
+@pytest.fixture
+def one_torch_thread():
+    """One thread: deterministic, and fast on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_small_cnn_learns_it_but_not_perfectly(one_torch_thread):
     torch.manual_seed(0)
     ds = SyntheticDataset(image_size=32, n_images=640, seed=0)
     images = np.stack([ds.load_resized(i) for i in range(len(ds))]).astype(np.float32)
@@ -126,7 +136,7 @@ def test_a_small_cnn_learns_it_but_not_perfectly():
     net = torch.nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 32),
                               torch.nn.Flatten(), torch.nn.Linear(32 * 16, 14))
     optimiser = torch.optim.Adam(net.parameters(), 3e-3, weight_decay=1e-4)
-    for _ in range(15):
+    for _ in range(10):
         net.train()
         for batch in torch.randperm(n_train).split(32):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x[batch]), y[batch])

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cxrstudy.models import create_model, register_model
-from cxrstudy.train import (HISTORY_COLUMNS, TrainConfig, Trainer, load_checkpoint,
-                            resolve_mixed_precision, seed_everything)
+from cxrstudy.train import (HISTORY_COLUMNS, TrainConfig, Trainer, launch_from_notebook,
+                            load_checkpoint, resolve_mixed_precision, seed_everything)
 from cxrstudy.train.trainer import warmup_cosine_factor
 
 SIZE, CLASSES = 16, 3
@@ -46,7 +46,8 @@ class BrightSquares(torch.utils.data.Dataset):
         self.image = 0.3 * torch.rand(n, 1, SIZE, SIZE, generator=g)
         half = SIZE // 2
         for c, (r, col) in enumerate([(0, 0), (0, half), (half, 0)]):
-            self.image[:, :, r:r + half, col:col + half] += 0.6 * self.target[:, c, None, None, None]
+            bright = 0.6 * self.target[:, c, None, None, None]
+            self.image[:, :, r:r + half, col:col + half] += bright
         self.mask = torch.ones(n, CLASSES)
         self.mask[::7, 2] = 0.0
 
@@ -135,19 +136,37 @@ class Interruptible:
             yield batch
 
 
+class NoiseAugment:
+    """An augmentation with its own random stream (like cxrstudy.data.augment.BatchAugment)."""
+
+    def __init__(self, seed=0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images):
+        return images + 0.1 * torch.randn(images.shape, generator=self.generator)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     settings = dict(epochs=3, ema_decay=0.8)
-    straight = Trainer(new_model(), config(**settings, checkpoint_dir=tmp_path / "straight"))
+    straight = Trainer(new_model(), config(**settings, checkpoint_dir=tmp_path / "straight"),
+                       augment=NoiseAugment())
     expected = straight.fit(Interruptible(loader()), loader(24, seed=1, shuffle=False))
 
     run_dir = tmp_path / "interrupted"
-    first = Trainer(new_model(), config(**settings, checkpoint_dir=run_dir))
+    first = Trainer(new_model(), config(**settings, checkpoint_dir=run_dir),
+                    augment=NoiseAugment())
     with pytest.raises(KeyboardInterrupt):
         first.fit(Interruptible(loader(), stop_in=2), loader(24, seed=1, shuffle=False))
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
 
     resumed = Trainer(new_model(seed=99), config(**settings, checkpoint_dir=run_dir,
-                                                 resume=True))
+                                                 resume=True), augment=NoiseAugment(seed=5))
     history = resumed.fit(Interruptible(loader()), loader(24, seed=1, shuffle=False))
 
     pd.testing.assert_frame_equal(without_timing(history), without_timing(expected),
@@ -177,6 +196,9 @@ def test_checkpoints_hold_what_rebuilding_and_resuming_need(tmp_path):
     aucs = [row["val_macro_auc"] for row in last["history"]]
     assert best["epoch"] == int(np.argmax(aucs)) + 1
     assert best["best_val_macro_auc"] == pytest.approx(max(aucs))
+    trainer.load_best()
+    for key, value in best["model"].items():
+        assert torch.equal(trainer.unwrapped_model.state_dict()[key], value)
 
 
 def test_an_existing_run_is_never_silently_replaced(tmp_path):
@@ -253,6 +275,12 @@ def test_any_sized_iterable_of_batch_dicts_trains():
     assert len(history) == 2 and not math.isnan(history["val_macro_auc"].iloc[-1])
     with pytest.raises(TypeError, match="must have a length"):
         Trainer(new_model(), config(epochs=1)).fit(iter(batches))
+
+
+def test_notebook_launcher_runs_the_function_with_its_arguments():
+    calls = []
+    launch_from_notebook(lambda a, b: calls.append((a, b)), num_processes=1, args=(2, "x"))
+    assert calls == [(2, "x")]  # one process on a CPU machine: run in place
 
 
 def test_config_is_checked_and_precision_resolved():

@@ -205,8 +205,11 @@ def test_dicom_needs_pydicom_or_is_reported_corrupt(tmp_path):
 def test_missing_images_and_bad_files(tmp_path):
     root = physionet_root(tmp_path)
     (root / "train" / "bbb.png").unlink()
-    with pytest.warns(UserWarning, match="bbb"):
-        assert len(VinDrDataset(root=root, image_size=16)) == 2
+    with pytest.warns(UserWarning, match="1 of 3 .*bbb"):
+        ds = VinDrDataset(root=root, image_size=16)
+    assert len(ds) == 3
+    with pytest.raises(FileNotFoundError, match="bbb"):
+        ds.read_image(1)
     with pytest.raises(DataNotFoundError, match="bbb"):
         VinDrDataset(root=root, image_size=16, strict=True)
     labels = root / "annotations" / "image_labels_train.csv"

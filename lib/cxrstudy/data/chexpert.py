@@ -36,6 +36,7 @@ import pandas as pd
 from ..paths import DataNotFoundError, dataset_dir
 from .base import BOX_COLUMNS, CXRDataset, read_image_file
 from .labels import CHEXPERT_CLASSES
+from .nih import report_missing_images
 
 UNCERTAINTY_POLICIES = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}
 BLANK_POLICIES = {"zeros": 0.0, "ignore": np.nan}
@@ -119,6 +120,7 @@ class CheXpertDataset(CXRDataset):
     ``csv_path`` reads that one CSV (train.csv format) instead of root's train.csv+valid.csv;
     its images are looked up under ``root`` (default: the CSV's folder).
     ``labels_only=True`` parses labels without looking for images (``read_image`` raises).
+    Missing image files: an error with ``strict=True``, else a warning (rows stay listed).
     Patient ids come from the path (``patient00001``).
     """
 
@@ -204,16 +206,8 @@ class CheXpertDataset(CXRDataset):
         else:
             existing = _existing_files(self.root, sorted(top.unique()))
             found = records["image_id"].isin(existing).to_numpy()
-            missing = int((~found[keep]).sum())
-            if missing:
-                examples = records["image_id"][keep & ~found].iloc[:3].tolist()
-                message = (f"{missing} of {int(keep.sum())} CheXpert images listed are missing "
-                           f"under {self.root} (e.g. {examples})")
-                if self.strict or missing == int(keep.sum()):
-                    raise DataNotFoundError(message)
-                warnings.warn(message + "; they are left out (strict=True makes this an error)",
-                              stacklevel=2)
-            keep &= found
+            report_missing_images(found[keep], records["image_id"][keep], self.strict,
+                                  str(self.root))
             records["path"] = [str(self.root / rel) for rel in records["image_id"]]
         self.records = records[keep].reset_index(drop=True)
         self.labels = labels[keep]

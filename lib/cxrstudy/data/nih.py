@@ -206,17 +206,19 @@ def index_images(root: Path) -> dict[str, Path]:
     return index
 
 
-def keep_rows_with_images(found: np.ndarray, ids: pd.Series, strict: bool, where: str) -> None:
-    """Raise (strict, or nothing found) or warn about images listed but absent on disk."""
+def report_missing_images(found: np.ndarray, ids: pd.Series, strict: bool, where: str) -> None:
+    """Images listed but absent on disk: an error when ``strict`` (or when none is there),
+    else a warning. The rows stay, so ``cxrstudy data check`` names each file and the image
+    cache (``cache=True``) leaves them out; reading one raises FileNotFoundError."""
     missing = int((~found).sum())
     if missing == 0:
         return
     examples = ids[~found].iloc[:3].tolist()
+    message = f"{missing} of {len(found)} images listed are missing under {where} (e.g. {examples})"
     if strict or missing == len(found):
-        raise DataNotFoundError(f"{missing} of {len(found)} images listed are missing under "
-                                f"{where} (e.g. {examples})")
-    warnings.warn(f"{missing} of {len(found)} images listed are missing under {where} "
-                  f"(e.g. {examples}); they are left out (strict=True makes this an error)",
+        raise DataNotFoundError(message)
+    warnings.warn(message + "; reading them will fail (cache=True leaves them out, "
+                  "strict=True makes this an error, `cxrstudy data check` lists them)",
                   stacklevel=3)
 
 
@@ -225,8 +227,9 @@ class NIHDataset(CXRDataset):
 
     ``views`` keeps these View Positions (None = all). ``labels_only=True`` parses the label
     and box files without needing images (e.g. to study the full release's label statistics);
-    its ``read_image`` then raises. Images listed but absent are left out with a warning
-    (``strict=True``: an error).
+    its ``read_image`` then raises. Images listed but absent on disk raise at construction
+    with ``strict=True``; otherwise a warning counts them and they stay listed (see
+    :func:`report_missing_images`).
     """
 
     name = "nih"
@@ -244,6 +247,11 @@ class NIHDataset(CXRDataset):
         table = read_label_file(self.label_file)
         table.index = pd.Index(table["Image Index"].astype(str).str.strip(), name=None)
         labels = parse_findings(table["Finding Labels"], self.label_file)
+        no_patient = table["Patient ID"].isna().to_numpy()
+        if no_patient.any():
+            row = int(np.argmax(no_patient))
+            raise ValueError(f"{self.label_file} line {row + 2} (image {table.index[row]!r}): "
+                             "empty 'Patient ID'")
 
         records = pd.DataFrame({
             "image_id": table.index.to_numpy(),
@@ -279,10 +287,11 @@ class NIHDataset(CXRDataset):
             index = index_images(self.root)
             paths = records["image_id"].map(index)
             found = paths.notna().to_numpy()
-            keep_rows_with_images(found[keep], records["image_id"][keep], self.strict,
-                                  f"{self.root} images folders")
-            keep &= found
-            records["path"] = paths.map(lambda p: None if pd.isna(p) else str(p))
+            report_missing_images(found[keep], records["image_id"][keep], self.strict,
+                                  f"the image folders of {self.root}")
+            expected = self.root / "images"  # where a missing file is reported as absent
+            records["path"] = [str(p) if isinstance(p, Path) else str(expected / image_id)
+                               for p, image_id in zip(paths, records["image_id"])]
 
         self.records = records[keep].reset_index(drop=True)
         self.labels = labels[keep]
@@ -299,7 +308,7 @@ class NIHDataset(CXRDataset):
 
     def read_image(self, i: int) -> np.ndarray:
         path = self.records.at[i, "path"]
-        if path is None or (isinstance(path, float) and np.isnan(path)):
+        if not isinstance(path, str):
             raise DataNotFoundError(f"nih: image {self.records.at[i, 'image_id']} has no file "
                                     "(dataset built with labels_only=True)")
         return read_image_file(path)
@@ -309,4 +318,4 @@ class NIHDataset(CXRDataset):
 
 
 __all__ = ["NIHDataset", "read_label_file", "parse_findings", "read_box_file",
-           "read_official_split", "index_images"]
+           "read_official_split", "index_images", "report_missing_images"]

@@ -272,7 +272,7 @@ class SyntheticDataset(CXRDataset):
         """Rasterise a scene; ``index`` fixes the noise. Edit ``scene.lesions`` to ablate."""
         coords = (np.arange(size, dtype=np.float32) + 0.5) * (REFERENCE / size)
         xx, yy = np.meshgrid(coords, coords)
-        soft = max(1.0, REFERENCE / size)  # edge softness: about one output pixel
+        soft = max(0.5, 0.5 * REFERENCE / size)  # logistic edge scale: ~2 output px wide
         kinds = {lesion.kind: lesion for lesion in scene.lesions}
 
         lungs = list(scene.lungs)
@@ -321,7 +321,10 @@ def _clip_box(box) -> tuple[float, float, float, float]:
 def _ellipse(xx, yy, cx, cy, ax, ay, soft):
     """Soft-edged filled ellipse in [0, 1] (edge width ``soft`` reference pixels)."""
     r = np.sqrt(((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2)
-    distance = (r - 1.0) * min(ax, ay)
+    # Distance to the outline ≈ (r - 1) / |grad r|, so the edge is equally soft all around.
+    gradient = np.sqrt(((xx - cx) / ax ** 2) ** 2 + ((yy - cy) / ay ** 2) ** 2) / \
+        np.maximum(r, 1e-6)
+    distance = (r - 1.0) / np.maximum(gradient, 1e-6)
     return 1.0 / (1.0 + np.exp(np.clip(distance / soft, -30, 30)))
 
 

@@ -35,6 +35,7 @@ patient with two images could straddle splits (the release does not let us know)
 """
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ from .base import BOX_COLUMNS, CXRDataset, CorruptImageError, read_image_file, \
     to_uint8_grayscale
 from .labels import (VINDR_GLOBAL_CLASSES, VINDR_KAGGLE_CLASSES, VINDR_LOCAL_CLASSES,
                      VINDR_NO_FINDING, canonical)
+from .nih import report_missing_images
 
 LABEL_SETS = ("local", "global", "both")
 AGGREGATES = ("any", "majority")
@@ -230,6 +232,7 @@ class VinDrDataset(CXRDataset):
     ``csv_path`` reads a Kaggle-format file instead of the root's annotation files (its
     images are looked up under ``root``/train, default the CSV's folder).
     ``labels_only=True`` parses labels and boxes without images (``read_image`` raises).
+    Missing image files: an error with ``strict=True``, else a warning (rows stay listed).
     """
 
     name = "vindr"
@@ -275,26 +278,20 @@ class VinDrDataset(CXRDataset):
                                 "sex": None, "age": np.nan, "n_readers": readers})
         if official is not None:
             records["official_split"] = official
-        keep = np.ones(len(records), dtype=bool)
         if labels_only:
             records["path"] = None
         else:
             index = index_images([self.root / "train", self.root / "test"])
             paths = records["image_id"].map(index)
             found = paths.notna().to_numpy()
-            missing = int((~found).sum())
-            if missing:
-                message = (f"{missing} of {len(found)} VinDr images listed are missing under "
-                           f"{self.root}/train, test (e.g. "
-                           f"{records['image_id'][~found].iloc[:3].tolist()})")
-                if strict or missing == len(found):
-                    raise DataNotFoundError(message)
-                warnings.warn(message + "; they are left out (strict=True makes this an error)",
-                              stacklevel=2)
-            keep = found
-            records["path"] = paths.map(lambda p: None if pd.isna(p) else str(p))
-        self.records = records[keep].reset_index(drop=True)
-        self.labels = labels[keep]
+            report_missing_images(found, records["image_id"], strict,
+                                  f"{self.root / 'train'} and {self.root / 'test'}")
+            folder = records.get("official_split", pd.Series("train", index=records.index))
+            records["path"] = [str(p) if isinstance(p, Path)
+                               else str(self.root / split / f"{image_id}.dicom")
+                               for p, split, image_id in zip(paths, folder, records["image_id"])]
+        self.records = records
+        self.labels = labels
         self.boxes = self._boxes(rows)
         self._header_sizes: dict[str, tuple[float, float] | None] = {}
         self._warned_inexact = False
@@ -362,6 +359,8 @@ class VinDrDataset(CXRDataset):
         if not isinstance(path, str):
             raise DataNotFoundError(f"vindr: image {self.records.at[i, 'image_id']} has no "
                                     "file (dataset built with labels_only=True)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, "VinDr image not found", path)
         if path.lower().endswith((".dicom", ".dcm")):
             return read_dicom(path)
         return read_image_file(path)

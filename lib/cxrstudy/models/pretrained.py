@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -100,14 +101,26 @@ def find_cached_weights(timm_name: str) -> Path | None:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connect to the hub endpoint: tells 'no network' apart in seconds, not minutes."""
+    """One TCP connect to the hub endpoint: tells 'no network' apart in seconds, not minutes.
+
+    Runs in a helper thread so a hanging name lookup (not covered by socket timeouts) cannot
+    block longer than ``timeout`` either.
+    """
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(outcome and outcome[0])
 
 
 def _unavailable_message(timm_name: str, why: str) -> str:
@@ -144,7 +157,8 @@ def read_state_dict(path, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise ValueError(f"cannot read weight file {path}: {exc}") from exc
     if isinstance(content, dict) and not all(isinstance(v, torch.Tensor) for v in content.values()):
-        keys = (("ema", "model_ema", "state_dict_ema") if prefer_ema else ()) + ("state_dict", "model")
+        ema_keys = ("ema", "model_ema", "state_dict_ema") if prefer_ema else ()
+        keys = ema_keys + ("state_dict", "model")
         for key in keys:
             if isinstance(content.get(key), dict):
                 content = content[key]
@@ -163,12 +177,14 @@ def state_dict_matches(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         own[k].shape == state_dict[k].shape for k in own)
 
 
-def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "weights") -> None:
+def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor],
+               source: str = "weights") -> None:
     """Load strictly, naming missing, unexpected and mis-shaped keys when it does not fit."""
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
-    shaped = sorted(k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
+    shaped = sorted(k for k in own.keys() & state_dict.keys()
+                    if own[k].shape != state_dict[k].shape)
     if missing or unexpected or shaped:
         detail = "; ".join(f"{label}: {keys[:5]}{' …' if len(keys) > 5 else ''}"
                            for label, keys in (("missing", missing), ("unexpected", unexpected),
@@ -192,7 +208,8 @@ def timm_model_kwargs(timm_name: str, num_classes: int, in_chans: int, image_siz
 
 
 def _forget_in_memory_weights(model: nn.Module, source: str) -> None:
-    """timm keeps the overlay (our state dict) in ``model.pretrained_cfg``; drop it, keep the name."""
+    """timm keeps the overlay (our state dict) in ``model.pretrained_cfg``: drop it, keep the
+    file name."""
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     cfg.pop("state_dict", None)
     cfg["file"] = source

@@ -8,7 +8,8 @@ saving leaves the previous checkpoint intact, never a half-written one.
 Keys: ``format``, ``version``, ``kind`` ("last"/"best"), ``epoch`` (completed epochs),
 ``model`` and ``ema`` (state dicts; ``ema`` None when off), ``optimizer``, ``scheduler``,
 ``history`` (list of per-epoch dicts), ``rng`` (see :mod:`cxrstudy.train.seeding`),
-``loader_rng`` (states of data-loader generators), ``model_config`` (``model.cxr_config``),
+``loader_rng`` (states of data-loader generators), ``augment`` (the augmentation's state when
+it has one), ``model_config`` (``model.cxr_config``),
 ``class_names``, ``train_config``, ``best_val_macro_auc``, ``best_epoch``,
 ``epochs_without_improvement``, ``stopped_early``.
 """

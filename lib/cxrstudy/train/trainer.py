@@ -167,7 +167,8 @@ class Trainer:
     """Fit, validate, checkpoint and predict a multi-label classifier (see module docstring).
 
     ``loss_fn(logits, target, mask) -> scalar`` or the name of a registered loss.
-    ``augment`` is applied to the image tensor on the device, in training only.
+    ``augment`` is applied to the image tensor on the device, in training only; when it has
+    ``state_dict``/``load_state_dict`` (its own generator), checkpoints carry that state.
     ``class_names`` are stored in checkpoints so evaluation can match label spaces by name.
     Seed the model's initialisation yourself (``seed_everything`` before ``create_model``);
     ``fit`` seeds everything it draws (data order, dropout) from ``config.seed``.
@@ -327,6 +328,8 @@ class Trainer:
             "history": [dict(row) for row in self.history],
             "rng": capture_rng_state(),
             "loader_rng": [g.get_state() for g in generators],
+            "augment": (self.augment.state_dict() if hasattr(self.augment, "state_dict")
+                        else None),
             "model_config": self.model_config,
             "class_names": self.class_names,
             "train_config": self.config.to_dict(),
@@ -348,23 +351,20 @@ class Trainer:
         return path
 
     def _check_same_run(self, payload: dict, path: Path) -> None:
-        stored = {"model_config": payload.get("model_config"),
+        """Refuse to continue a checkpoint of another model, label space or recipe."""
+        stored = {"model_config": payload.get("model_config") or {},
                   "train_config": {k: v for k, v in (payload.get("train_config") or {}).items()
                                    if k not in _OPERATIONAL_FIELDS},
                   "class_names": payload.get("class_names")}
-        ours = self._identity()
-        ours["train_config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                                for k, v in ours["train_config"].items()}
-        stored["train_config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                                  for k, v in stored["train_config"].items()}
         differences = []
-        for section in ours:
-            a, b = stored[section], ours[section]
-            if isinstance(a, dict) and isinstance(b, dict):
-                differences += [f"{section}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
-                                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            elif a != b:
-                differences.append(f"{section}: checkpoint {a!r} vs now {b!r}")
+        for section, ours in self._identity().items():
+            theirs = stored[section]
+            if isinstance(ours, dict) and isinstance(theirs, dict):
+                differences += [f"{section}.{k}: checkpoint {theirs.get(k)!r} vs now "
+                                f"{ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+                                if theirs.get(k) != ours.get(k)]
+            elif theirs != ours:
+                differences.append(f"{section}: checkpoint {theirs!r} vs now {ours!r}")
         if differences:
             raise ValueError(f"cannot resume from {path}: it holds a different run:\n  "
                              + "\n  ".join(differences)
@@ -390,6 +390,8 @@ class Trainer:
         generators = _loader_generators(train_loader) if train_loader is not None else []
         for gen, state in zip(generators, payload.get("loader_rng") or []):
             gen.set_state(state)
+        if payload.get("augment") is not None and hasattr(self.augment, "load_state_dict"):
+            self.augment.load_state_dict(payload["augment"])  # its own random stream
 
     def load_best(self) -> dict:
         """Load ``best.pt``'s weights (and EMA) into this trainer's model; returns the payload."""
