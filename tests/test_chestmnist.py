@@ -89,3 +89,14 @@ def test_wrong_keys_or_shapes_raise(tmp_path):
     np.savez(tmp_path / "chestmnist.npz", **arrays)
     with pytest.raises(ValueError, match=r"train_labels has shape \(2, 13\)"):
         ChestMNISTDataset(root=tmp_path, image_size=28)
+
+
+def test_dataset_pickles_for_worker_processes(tmp_path):
+    """DataLoader workers started with spawn pickle the dataset; the lock must not travel."""
+    import pickle
+
+    fabricate(tmp_path / "medmnist")
+    ds = ChestMNISTDataset(root=tmp_path, image_size=28)
+    first = ds.read_image(0)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert (clone.read_image(0) == first).all()

@@ -84,3 +84,43 @@ def box_image(dataset, which: str = "smallest") -> int:
     image_id = boxes.loc[area.idxmin() if which == "smallest" else area.idxmax(), "image_id"]
     rows = np.flatnonzero(dataset.records["image_id"].to_numpy() == image_id)
     return int(rows[0]) if len(rows) else 0
+
+
+def packaged_label_dir():
+    """torchxrayvision's folder of the full releases' label files (no images)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("torchxrayvision is not installed; it ships the full releases' label files")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def packaged_label_overview() -> dict[str, pd.DataFrame]:
+    """Cohort and prevalence of the full NIH, CheXpert (train, frontal) and VinDr (Kaggle) releases.
+
+    Read through the study's own adapters in ``labels_only`` mode, so the counts are what a full
+    run would see. CheXpert's uncertain labels are counted as unknown here (``ignore``).
+    """
+    from .data.chexpert import CheXpertDataset
+    from .data.nih import NIHDataset
+    from .data.vindr import VinDrDataset
+
+    folder = packaged_label_dir()
+    datasets = {
+        "nih": NIHDataset(root=folder, labels_only=True, views=None),
+        "chexpert": CheXpertDataset(csv_path=folder / "chexpert_train.csv.gz", labels_only=True,
+                                    uncertainty="ignore"),
+        "vindr": VinDrDataset(csv_path=folder / "vinbigdata-train.csv.gz", labels_only=True,
+                              aggregate="any"),
+    }
+    cohorts, prevalences = [], []
+    for name, ds in datasets.items():
+        cohorts.append({"dataset": name, "images": len(ds), "patients": int(ds.records["patient_id"].nunique()),
+                        "classes": ds.num_classes, "boxes": len(ds.boxes),
+                        "unknown labels (%)": round(100 * float(np.isnan(ds.labels).mean()), 1)})
+        table = prevalence_table(ds.labels, ds.classes)
+        table.insert(0, "dataset", name)
+        prevalences.append(table)
+    return {"cohorts": pd.DataFrame(cohorts), "prevalence": pd.concat(prevalences, ignore_index=True)}

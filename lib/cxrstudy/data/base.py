@@ -3,7 +3,8 @@
 An adapter parses its release's files into three tables and knows how to decode one image:
 
 - ``records``: one row per image; columns ``image_id``, ``patient_id`` (str), ``view``, ``sex``,
-  ``age`` and optionally ``official_split`` ("train"/"test") and ``path``.
+  ``age`` and optionally ``official_split`` ("train"/"val"/"test"; honoured by
+  ``splits.assign_splits``) and ``path``.
 - ``labels``: float32 array [N, C] aligned with ``records``; 1 = present, 0 = absent,
   NaN = unknown (uncertain under the ``ignore`` policy, or not annotated). Unknowns are masked
   out of losses and metrics, never silently read as negatives.
@@ -16,10 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+
+from ..paths import DataNotFoundError
 
 RECORD_COLUMNS = ("image_id", "patient_id", "view", "sex", "age")
 BOX_COLUMNS = ("image_id", "label", "x", "y", "w", "h", "space_w", "space_h")
@@ -69,6 +74,22 @@ def read_image_file(path) -> np.ndarray:
         raise
     except Exception as exc:  # PIL raises several unrelated types for broken files
         raise CorruptImageError(f"cannot decode image {path}: {exc}") from exc
+
+
+def report_missing_images(found: np.ndarray, ids: pd.Series, strict: bool, where: str) -> None:
+    """Images listed but absent on disk: an error when ``strict`` (or when none is there),
+    else a warning. The rows stay, so ``cxrstudy data check`` names each file and the image
+    cache (``cache=True``) leaves them out; reading one raises FileNotFoundError."""
+    missing = int((~found).sum())
+    if missing == 0:
+        return
+    examples = ids[~found].iloc[:3].tolist()
+    message = f"{missing} of {len(found)} images listed are missing under {where} (e.g. {examples})"
+    if strict or missing == len(found):
+        raise DataNotFoundError(message)
+    warnings.warn(message + "; reading them will fail (cache=True leaves them out, "
+                  "strict=True makes this an error, `cxrstudy data check` lists them)",
+                  stacklevel=3)
 
 
 class CXRDataset(torch.utils.data.Dataset):

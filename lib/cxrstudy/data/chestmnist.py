@@ -21,6 +21,7 @@ compressed archives are loaded on first use.
 from __future__ import annotations
 
 import struct
+import threading
 import zipfile
 from pathlib import Path
 
@@ -126,6 +127,7 @@ class ChestMNISTDataset(CXRDataset):
         self.labels = np.concatenate(labels)
         self.boxes = pd.DataFrame(columns=list(BOX_COLUMNS))
         self._arrays: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
         for split, part in zip(SPLITS, label_parts):
             shape = npz_member_shape(self.path, f"{split}_images")
             if len(shape) not in (3, 4) or shape[:3] != (len(part), self.size, self.size):
@@ -133,14 +135,26 @@ class ChestMNISTDataset(CXRDataset):
                                  f"[{len(part)}, {self.size}, {self.size}]")
         self.validate()
 
+    def __getstate__(self):
+        """Pickle without the lock and the memory maps (workers reopen them lazily)."""
+        state = self.__dict__.copy()
+        state["_lock"], state["_arrays"] = None, {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _images(self, split: str) -> np.ndarray:
-        if split not in self._arrays:
-            array = memmap_npz_member(self.path, f"{split}_images")
-            if array is None:
-                with np.load(self.path) as archive:
-                    array = archive[f"{split}_images"]
-            self._arrays[split] = array
-        return self._arrays[split]
+        # The cache and the data check decode with threads: load each split once, not per thread.
+        with self._lock:
+            if split not in self._arrays:
+                array = memmap_npz_member(self.path, f"{split}_images")
+                if array is None:
+                    with np.load(self.path) as archive:
+                        array = archive[f"{split}_images"]
+                self._arrays[split] = array
+            return self._arrays[split]
 
     def read_image(self, i: int) -> np.ndarray:
         image = np.asarray(self._images(self.records.at[i, "official_split"])

@@ -34,9 +34,8 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, read_image_file
+from .base import BOX_COLUMNS, CXRDataset, read_image_file, report_missing_images
 from .labels import CHEXPERT_CLASSES
-from .nih import report_missing_images
 
 UNCERTAINTY_POLICIES = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}
 BLANK_POLICIES = {"zeros": 0.0, "ignore": np.nan}

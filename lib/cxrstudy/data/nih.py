@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, read_image_file
+from .base import BOX_COLUMNS, CXRDataset, read_image_file, report_missing_images
 from .labels import NIH_CLASSES, NIH_NO_FINDING, canonical
 
 LABEL_FILE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -204,22 +204,6 @@ def index_images(root: Path) -> dict[str, Path]:
                       f"{root} (e.g. {duplicates[0]}); using the first in sorted order",
                       stacklevel=3)
     return index
-
-
-def report_missing_images(found: np.ndarray, ids: pd.Series, strict: bool, where: str) -> None:
-    """Images listed but absent on disk: an error when ``strict`` (or when none is there),
-    else a warning. The rows stay, so ``cxrstudy data check`` names each file and the image
-    cache (``cache=True``) leaves them out; reading one raises FileNotFoundError."""
-    missing = int((~found).sum())
-    if missing == 0:
-        return
-    examples = ids[~found].iloc[:3].tolist()
-    message = f"{missing} of {len(found)} images listed are missing under {where} (e.g. {examples})"
-    if strict or missing == len(found):
-        raise DataNotFoundError(message)
-    warnings.warn(message + "; reading them will fail (cache=True leaves them out, "
-                  "strict=True makes this an error, `cxrstudy data check` lists them)",
-                  stacklevel=3)
 
 
 class NIHDataset(CXRDataset):

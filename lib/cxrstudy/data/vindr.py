@@ -44,11 +44,10 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, CorruptImageError, read_image_file, \
-    to_uint8_grayscale
+from .base import (BOX_COLUMNS, CXRDataset, CorruptImageError, read_image_file,
+                   report_missing_images, to_uint8_grayscale)
 from .labels import (VINDR_GLOBAL_CLASSES, VINDR_KAGGLE_CLASSES, VINDR_LOCAL_CLASSES,
                      VINDR_NO_FINDING, canonical)
-from .nih import report_missing_images
 
 LABEL_SETS = ("local", "global", "both")
 AGGREGATES = ("any", "majority")
