@@ -128,6 +128,7 @@ class RunResult:
                 "macro AUC": o.get("macro_auc"), "95% CI low": o.get("macro_auc_low"),
                 "95% CI high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
                 "macro AP": o.get("macro_ap"), "epochs": int(self.history["epoch"].max()) if len(self.history) else 0,
+                "best epoch": self.extra.get("best_epoch"),
                 "train s": round(self.train_seconds, 1)}
 
 
@@ -190,6 +191,9 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     start = time.perf_counter()
     history = trainer.fit(train_loader, val_loader)
     train_seconds = time.perf_counter() - start
+    best_epoch = None
+    if (checkpoint_dir / "best.pt").is_file():  # model selection on validation macro AUC
+        best_epoch = int(trainer.load_best().get("epoch", 0)) or None
     predictions = trainer.predict(test_loader)
     patient_ids = data.test.patient_ids[np.asarray(predictions.indices)]
     per_class, overall = summarize(predictions.targets, predictions.probs, data.classes,
@@ -202,11 +206,11 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                         masks=predictions.masks,
                         image_ids=data.test.records["image_id"].to_numpy()[np.asarray(predictions.indices)],
                         patient_ids=patient_ids, classes=np.asarray(data.classes))
-    return RunResult(tag=tag, model_name=model_name, model=trainer.eval_model(), history=history,
+    return RunResult(tag=tag, model_name=model_name, model=trainer.eval_model, history=history,
                      probs=predictions.probs, targets=predictions.targets, masks=predictions.masks,
                      patient_ids=patient_ids, per_class=per_class, overall=overall,
                      n_params=count_parameters(model), train_seconds=train_seconds,
-                     checkpoint_dir=checkpoint_dir)
+                     checkpoint_dir=checkpoint_dir, extra={"best_epoch": best_epoch})
 
 
 def comparison_table(runs: dict[str, RunResult]) -> pd.DataFrame:
