@@ -51,17 +51,28 @@ class StudyData:
         return pd.DataFrame(rows)
 
 
-def subsample_patients(dataset: CXRDataset, max_images: int, seed: int) -> np.ndarray:
-    """Row indices of whole patients, drawn in a seeded order until ``max_images`` is reached."""
-    patients = dataset.records["patient_id"].to_numpy()
-    order = np.random.default_rng(seed).permutation(np.unique(patients))
-    rows_of = pd.Series(np.arange(len(patients))).groupby(patients).apply(list)
-    chosen: list[int] = []
-    for patient in order:
-        if len(chosen) >= max_images:
-            break
-        chosen.extend(rows_of[patient])
-    return np.sort(np.asarray(chosen, dtype=np.int64))
+def subsample_patients(dataset: CXRDataset, max_images: int, seed: int,
+                       assignment: np.ndarray | None = None) -> np.ndarray:
+    """Row indices of whole patients, about ``max_images`` rows, in a seeded draw.
+
+    With ``assignment`` the draw is made within each split in proportion to its size, so the
+    subsample keeps the train/val/test ratio. The draw uses its own random stream: reusing the
+    split's stream would select the same patients the split put first (all of test, say).
+    """
+    patients = dataset.records["patient_id"].to_numpy().astype(str)
+    groups = np.full(len(patients), "all", dtype=object) if assignment is None else np.asarray(assignment)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5AB5A3]))
+    fraction = min(1.0, max_images / max(len(patients), 1))
+    chosen: list[np.ndarray] = []
+    for group in sorted(set(groups)):
+        rows = np.flatnonzero(groups == group)
+        target = max(1, int(round(fraction * len(rows))))
+        order = rng.permutation(np.unique(patients[rows]))
+        counts = pd.Series(patients[rows]).value_counts()
+        taken = np.cumsum(counts.reindex(order).to_numpy())
+        keep_patients = set(order[: int(np.searchsorted(taken, target)) + 1])
+        chosen.append(rows[np.isin(patients[rows], list(keep_patients))])
+    return np.sort(np.concatenate(chosen))
 
 
 def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: int = 0,
@@ -77,7 +88,7 @@ def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: i
                         val_fraction=val_fraction, test_fraction=test_fraction, **options)
     assignment = np.asarray(full.split_assignment)
     if max_images is not None and max_images < len(full):
-        keep = subsample_patients(full, int(max_images), seed)
+        keep = subsample_patients(full, int(max_images), seed, assignment)
         full, assignment = full.subset(keep, split_name="all"), assignment[keep]
         full.split_assignment = assignment
     if cache:

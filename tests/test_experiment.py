@@ -1,0 +1,48 @@
+"""The notebooks' glue: subsampling keeps whole patients and the split ratio; a run end to end."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrstudy.data import load_dataset
+from cxrstudy.experiment import prepare_data, subsample_patients, train_and_evaluate
+from cxrstudy.outputs import Outputs
+
+
+def test_subsample_keeps_whole_patients_and_the_split_ratio():
+    ds = load_dataset("synthetic", split="all", image_size=32, n_images=400, n_patients=150, seed=1)
+    assignment = ds.split_assignment
+    keep = subsample_patients(ds, 200, seed=0, assignment=assignment)
+    patients = ds.records["patient_id"].to_numpy()
+    kept_patients = set(patients[keep])
+    # whole patients: every image of a kept patient is kept
+    assert set(np.flatnonzero(np.isin(patients, list(kept_patients)))) == set(keep)
+    share = {s: (assignment[keep] == s).mean() for s in ("train", "val", "test")}
+    full = {s: (assignment == s).mean() for s in ("train", "val", "test")}
+    for split in share:  # the ratio survives (the bug this guards: test and val taken first)
+        assert abs(share[split] - full[split]) < 0.06, (split, share, full)
+    assert 180 <= len(keep) <= 230
+    assert np.array_equal(keep, subsample_patients(ds, 200, seed=0, assignment=assignment))
+    assert not np.array_equal(keep, subsample_patients(ds, 200, seed=1, assignment=assignment))
+
+
+def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
+    out = Outputs(tmp_path / "run")
+    data = prepare_data("synthetic", None, 32, seed=0, max_images=160, out=out, progress=False,
+                        n_images=240, n_patients=120)
+    assert data.synthetic
+    splits = pd.read_csv(tmp_path / "run/splits.csv")
+    assert len(splits) == len(data.train) + len(data.val) + len(data.test)
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    run = train_and_evaluate("resnet18", data, out, epochs=2, batch_size=32, n_boot=50, seed=0,
+                             progress=False)
+    assert list(run.history["epoch"]) == [1, 2]
+    assert run.probs.shape == (len(data.test), len(data.classes))
+    assert 0.0 <= run.overall["macro_auc"] <= 1.0
+    saved = np.load(tmp_path / "run/predictions/resnet18.npz", allow_pickle=False)
+    assert np.allclose(saved["probs"], run.probs)
+    assert (tmp_path / "run/checkpoints/resnet18/last.pt").is_file()
+    assert (tmp_path / "run/tables/history_resnet18.csv").is_file()
+    row = run.row()
+    assert row["model"] == "resnet18" and row["epochs"] == 2 and row["best epoch"] in (1, 2)
