@@ -36,6 +36,17 @@ def nih_sample_root(data_root) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _restore_determinism():
+    """seed_everything switches torch to deterministic kernels process-wide; undo it per test."""
+    import torch
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own preprocessing cache folder; nothing leaks into ~/.cache."""
     monkeypatch.setenv("CXRSTUDY_CACHE_DIR", str(tmp_path / "cache"))

@@ -12,15 +12,6 @@ from cxrstudy.train.checkpoint import (existing_checkpoints, load_checkpoint, sa
 from cxrstudy.train.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    """seed_everything switches torch to deterministic kernels; give other tests theirs back."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def _payload():
     return {"epoch": 3, "model": {"w": torch.arange(6.0).reshape(2, 3)},
             "history": [{"epoch": 1, "val_macro_auc": float("nan")}],

@@ -75,14 +75,6 @@ def config(**overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def without_timing(history: pd.DataFrame) -> pd.DataFrame:
     return history.drop(columns=TIMING)
 

@@ -119,14 +119,22 @@ class CXRDataset(torch.utils.data.Dataset):
     def read_image(self, i: int) -> np.ndarray:
         """Decode the image of ``records`` row ``i`` at its source resolution as 2-D uint8.
 
-        Read the file named by ``self.records`` row ``i`` (subsets reorder rows; never cache
-        positions at construction).
+        The default reads the file in the ``path`` column; adapters whose pixels live elsewhere
+        (arrays, DICOM, procedural) override it. Always go through ``self.records`` row ``i``:
+        subsets reorder rows, so never keep positions from construction.
         """
-        raise NotImplementedError
+        if "path" not in self.records.columns:
+            raise NotImplementedError(f"{self.name}: no 'path' column and no read_image override")
+        path = self.records.at[i, "path"]
+        if not isinstance(path, str):
+            raise DataNotFoundError(f"{self.name}: image {self.records.at[i, 'image_id']} has no "
+                                    "file (dataset built with labels_only=True)")
+        return read_image_file(path)
 
     def cache_key(self) -> str:
-        """What identifies this dataset's pixels besides the image ids (e.g. its root folder)."""
-        return self.name
+        """What identifies this dataset's pixels besides the image ids: its name and root folder."""
+        root = getattr(self, "root", None)
+        return f"{self.name}:{root.resolve()}" if root is not None else self.name
 
     # ---- shared behaviour -----------------------------------------------------------------
     def validate(self) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, read_image_file, report_missing_images
+from .base import BOX_COLUMNS, CXRDataset, report_missing_images
 from .labels import CHEXPERT_CLASSES
 
 UNCERTAINTY_POLICIES = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}
@@ -212,16 +212,6 @@ class CheXpertDataset(CXRDataset):
         self.labels = labels[keep]
         self.boxes = pd.DataFrame(columns=list(BOX_COLUMNS))
         self.validate()
-
-    def read_image(self, i: int) -> np.ndarray:
-        path = self.records.at[i, "path"]
-        if not isinstance(path, str):
-            raise DataNotFoundError(f"chexpert: image {self.records.at[i, 'image_id']} has no "
-                                    "file (dataset built with labels_only=True)")
-        return read_image_file(path)
-
-    def cache_key(self) -> str:
-        return f"chexpert:{self.root.resolve()}"
 
 
 __all__ = ["CheXpertDataset", "apply_label_policies", "read_chexpert_csv",

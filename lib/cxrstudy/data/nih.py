@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, read_image_file, report_missing_images
+from .base import BOX_COLUMNS, CXRDataset, report_missing_images
 from .labels import NIH_CLASSES, NIH_NO_FINDING, canonical
 
 LABEL_FILE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -289,16 +289,6 @@ class NIHDataset(CXRDataset):
         else:
             self.boxes = pd.DataFrame(columns=list(BOX_COLUMNS))
         self.validate()
-
-    def read_image(self, i: int) -> np.ndarray:
-        path = self.records.at[i, "path"]
-        if not isinstance(path, str):
-            raise DataNotFoundError(f"nih: image {self.records.at[i, 'image_id']} has no file "
-                                    "(dataset built with labels_only=True)")
-        return read_image_file(path)
-
-    def cache_key(self) -> str:
-        return f"nih:{self.root.resolve()}"
 
 
 __all__ = ["NIHDataset", "read_label_file", "parse_findings", "read_box_file",
