@@ -235,9 +235,15 @@ class Trainer:
                                                                             min_ratio))
 
     def _prepare_loader(self, loader):
-        """Shard a DataLoader across processes; other iterables are used as they are."""
+        """Shard a DataLoader across processes; other iterables are used as they are.
+
+        A :class:`~cxrstudy.data.loader.BatchLoader` becomes its equivalent DataLoader when
+        several processes run, so Accelerate does the sharding (no home-made distribution).
+        """
         if loader is None:
             return None
+        if self.accelerator.num_processes > 1 and hasattr(loader, "as_dataloader"):
+            loader = loader.as_dataloader()
         if isinstance(loader, torch.utils.data.DataLoader):
             key = id(loader)
             if key not in self._prepared_loaders:
