@@ -102,3 +102,17 @@ def test_failed_run_with_same_parameters_is_resumed_in_place(study, tmp_path):
     run(study, tmp_path, RecordingExecutor())
     assert checkpoint.read_text() == "weights"
     assert not (tmp_path / "results/tiny/_previous").exists()
+
+
+def test_relative_data_root_is_made_absolute_for_kernels(study, tmp_path, monkeypatch):
+    """Kernels start in notebooks/, so a relative CXRSTUDY_DATA_ROOT would point elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CXRSTUDY_DATA_ROOT", "../shared/data")
+    seen = []
+
+    def executor(spec, params, output_dir, **kw):
+        import os
+        seen.append(os.environ["CXRSTUDY_DATA_ROOT"])
+
+    run(study, tmp_path, executor)
+    assert seen and all(v == str(tmp_path.parent / "shared" / "data") for v in seen)

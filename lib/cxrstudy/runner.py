@@ -7,6 +7,7 @@ that depend on a failed one are not started, and the caller gets the list of fai
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable
 
 from .config import NotebookSpec, discover_notebooks, resolve_parameters
 from .outputs import write_json_atomic
-from .paths import repo_root
+from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
 
 PROVENANCE = "provenance.json"
@@ -27,6 +28,13 @@ class NotebookResult:
     seconds: float
     output_dir: Path
     error: str | None = None
+
+
+def absolute_data_root() -> None:
+    """Kernels run in ``notebooks/``: make a relative ``CXRSTUDY_DATA_ROOT`` absolute first."""
+    value = os.environ.get(DATA_ROOT_ENV)
+    if value and not os.path.isabs(value):
+        os.environ[DATA_ROOT_ENV] = os.path.abspath(value)
 
 
 def select(names: list[str] | str, notebooks: dict[str, NotebookSpec]) -> list[str]:
@@ -103,6 +111,7 @@ def run_notebooks(
     """Run the chosen notebooks of ``profile``; see the module docstring for the rules."""
     notebooks = discover_notebooks(notebooks_dir)
     all_params = resolve_parameters(profile, overrides, notebooks, params_dir)  # fails before work
+    absolute_data_root()
     chosen = select(names, notebooks)
     results_dir = Path(results_dir) if results_dir else repo_root() / "results"
     fingerprints: dict[str, str] = {}
