@@ -9,6 +9,8 @@ NOTEBOOKS ?= all
 DATASET   ?= chestmnist
 ARGS      ?=
 STAMP     := $(VENV)/.cxrstudy-installed
+# Where `make reproduce`, `make data` and `make lab` look for datasets unless you set it.
+DATA_ROOT_DEFAULT := $(HOME)/.cache/cxrstudy/data
 
 .PHONY: venv reproduce test lab data clean-results help
 
@@ -28,16 +30,16 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 reproduce: $(STAMP)
-	$(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
 
 data: $(STAMP)
-	$(VENV)/bin/cxrstudy data download $(DATASET) $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy data download $(DATASET) $(ARGS)
 
 clean-results:
 	@echo "results/ holds generated outputs; remove a profile by hand: rm -r results/<profile>"

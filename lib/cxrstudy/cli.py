@@ -8,12 +8,13 @@ import sys
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import ConfigError
+    from .data.availability import DataUnavailableError
     from .runner import run_notebooks
 
     try:
         results = run_notebooks(args.notebooks, args.profile, args.param, force=args.force,
                                 results_dir=args.results, progress=not args.quiet)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, DataUnavailableError) as exc:
         print(f"cxrstudy run: {exc}", file=sys.stderr)
         return 2
     bad = [r for r in results if r.status in ("failed", "blocked")]

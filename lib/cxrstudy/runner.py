@@ -37,6 +37,17 @@ def absolute_data_root() -> None:
         os.environ[DATA_ROOT_ENV] = os.path.abspath(value)
 
 
+def preflight_data(params: list[dict], log: Callable[[str], None]) -> None:
+    """Every dataset the chosen notebooks name must be there (ChestMNIST is fetched) before
+    any kernel starts; raises :class:`~cxrstudy.data.availability.DataUnavailableError`."""
+    from .data.availability import ensure_available
+
+    needed = {(p["dataset"], p.get("data_root"), int(p.get("image_size", 224)))
+              for p in params if p.get("dataset")}
+    for dataset, root, size in sorted(needed, key=str):
+        ensure_available(dataset, root, size, log=log)
+
+
 def select(names: list[str] | str, notebooks: dict[str, NotebookSpec]) -> list[str]:
     """Resolve ``all``, stems (``01_baseline``), prefixes (``01``) or paths to notebook stems."""
     if names == "all" or names == ["all"]:
@@ -107,12 +118,15 @@ def run_notebooks(
     progress: bool = True,
     log: Callable[[str], None] = print,
     executor: Callable[..., None] = execute_notebook,
+    check_data: bool = True,
 ) -> list[NotebookResult]:
     """Run the chosen notebooks of ``profile``; see the module docstring for the rules."""
     notebooks = discover_notebooks(notebooks_dir)
     all_params = resolve_parameters(profile, overrides, notebooks, params_dir)  # fails before work
     absolute_data_root()
     chosen = select(names, notebooks)
+    if check_data:
+        preflight_data([all_params[n] for n in chosen], log)
     results_dir = Path(results_dir) if results_dir else repo_root() / "results"
     fingerprints: dict[str, str] = {}
     failed: set[str] = set()

@@ -1,0 +1,68 @@
+"""Pre-flight data checks: a missing dataset stops a run before any kernel, with the way forward."""
+import json
+
+import numpy as np
+import pytest
+
+from cxrstudy.data import availability
+from cxrstudy.data.availability import DataUnavailableError, ensure_available
+from cxrstudy.data.download import OfflineError
+from cxrstudy.runner import run_notebooks
+from test_config import write_notebook
+
+
+def offline(*args, **kwargs):
+    raise OfflineError("https://example.invalid/chestmnist_64.npz is unreachable")
+
+
+def test_missing_chestmnist_offline_names_the_sample_profile_and_data_root(tmp_path, monkeypatch):
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
+    with pytest.raises(DataUnavailableError) as info:
+        ensure_available("chestmnist", tmp_path, image_size=64, log=lambda m: None)
+    message = str(info.value)
+    assert "PROFILE=sample" in message and "CXRSTUDY_DATA_ROOT" in message
+    assert "unreachable" in message
+
+
+def test_missing_chestmnist_is_fetched_once_when_online(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(root, sizes):
+        calls.append(tuple(sizes))
+        folder = root / "medmnist"
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        arrays = {}
+        for split, n in (("train", 4), ("val", 2), ("test", 2)):
+            arrays[f"{split}_images"] = rng.integers(0, 256, (n, 64, 64), dtype=np.uint8)
+            arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14), dtype=np.uint8)
+        np.savez(folder / "chestmnist_64.npz", **arrays)
+
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", fake_download)
+    ensure_available("chestmnist", tmp_path, image_size=64, log=lambda m: None)
+    ensure_available("chestmnist", tmp_path, image_size=64, log=lambda m: None)
+    assert calls == [(64,)]  # the smallest size ≥ 64 px, fetched once
+
+
+def test_registration_datasets_say_how_to_get_them(tmp_path):
+    with pytest.raises(DataUnavailableError, match="make data DATASET=chexpert"):
+        ensure_available("chexpert", tmp_path / "nothing", log=lambda m: None)
+
+
+def test_real_sample_is_available(nih_sample_root):
+    ensure_available("nih-sample", nih_sample_root.parent, image_size=64, log=lambda m: None)
+
+
+def test_run_stops_before_any_notebook_when_data_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir(), params.mkdir()
+    write_notebook(nbs, "00_a", f'profile = "x"\noutput_dir = ""\ndataset = "chestmnist"\n'
+                                f'data_root = {str(tmp_path / "empty")!r}\nimage_size = 64\n')
+    (params / "default.yaml").write_text("shared: {}\n")
+    started = []
+    with pytest.raises(DataUnavailableError):
+        run_notebooks("all", "default", notebooks_dir=nbs, params_dir=params,
+                      results_dir=tmp_path / "results", log=lambda m: None,
+                      executor=lambda *a, **k: started.append(a))
+    assert started == [] and not (tmp_path / "results").exists()
