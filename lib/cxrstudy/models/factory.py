@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .distill import add_distillation_head
 from .pretrained import create_timm_model, read_state_dict, state_dict_matches
 from .registry import list_models, registered_builder, resolve_alias
 
@@ -44,7 +45,8 @@ def _is_weight_path(pretrained) -> bool:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int = 224,
-                 pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> nn.Module:
+                 pretrained: bool | str | os.PathLike = False, distilled: bool = False,
+                 **kwargs: Any) -> nn.Module:
     """Build ``name`` for ``in_chans × image_size²`` inputs with ``num_classes`` logits.
 
     ``pretrained``: False, True (the architecture's default weights from the local cache; see
@@ -53,6 +55,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int
     adapted (e.g. ImageNet RGB weights into a one-channel, 14-class model).
     ``kwargs`` go to the builder (e.g. ``patch_size=4`` for a ViT on 32-px images,
     ``drop_rate``) and are kept in ``model.cxr_config`` so the model can be rebuilt.
+    ``distilled=True`` adds a DeiT-style distillation head to any classifier
+    (:mod:`cxrstudy.models.distill`); a weight file for it is one of our distilled checkpoints.
     """
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -60,7 +64,12 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int
         raise ValueError(f"in_chans must be at least 1, got {in_chans}")
     if int(image_size) < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
-    builder = _find_builder(name)
+    found = _find_builder(name)
+
+    def builder(**build_args):
+        model = found(**build_args)
+        return add_distillation_head(model) if distilled else model
+
     shape = dict(num_classes=int(num_classes), in_chans=int(in_chans), image_size=int(image_size))
     if _is_weight_path(pretrained):
         path = Path(pretrained).expanduser()
@@ -76,7 +85,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int
     else:
         model = builder(**shape, pretrained=bool(pretrained), **kwargs)
         source = bool(pretrained)
-    model.cxr_config = dict(name=name, **shape, kwargs=dict(kwargs), pretrained=source)
+    config = dict(name=name, **shape, kwargs=dict(kwargs), pretrained=source)
+    if distilled:
+        config["kwargs"]["distilled"] = config["distilled"] = True
+    model.cxr_config = config
     return model
 
 

@@ -6,6 +6,7 @@
 >>> preds = trainer.predict(test_loader)      # probs, targets, masks, indices
 """
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distillation import DistillationTrainer, kd_loss
 from .losses import LOSSES, list_losses, make_loss, masked_bce, register_loss
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
 from .trainer import (HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, launch_from_notebook,
@@ -14,4 +15,5 @@ from .trainer import (HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, launch
 __all__ = ["Trainer", "TrainConfig", "Predictions", "launch_from_notebook",
            "resolve_mixed_precision", "HISTORY_COLUMNS", "masked_bce", "make_loss",
            "register_loss", "list_losses", "LOSSES", "save_checkpoint", "load_checkpoint",
-           "seed_everything", "capture_rng_state", "restore_rng_state"]
+           "seed_everything", "capture_rng_state", "restore_rng_state", "DistillationTrainer",
+           "kd_loss"]

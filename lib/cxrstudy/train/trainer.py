@@ -271,6 +271,10 @@ class Trainer:
         if self.augment is not None:
             images = self.augment(images)
         logits = self.model(images)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"the model returned {type(logits).__name__} in training mode, not a "
+                            f"logits tensor: a model with extra heads (distilled=True) needs its "
+                            f"own trainer, e.g. cxrstudy.train.DistillationTrainer")
         return self.loss_fn(logits, batch["target"], batch["mask"])
 
     # ---- inference -----------------------------------------------------------------------------
