@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from cxrstudy.data import load_dataset
-from cxrstudy.experiment import prepare_data, subsample_patients, train_and_evaluate
+from cxrstudy.experiment import (best_run_sentence, prepare_data, run_metrics, subsample_patients,
+                                 train_and_evaluate)
 from cxrstudy.outputs import Outputs
 
 
@@ -46,3 +47,23 @@ def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
     assert (tmp_path / "run/tables/history_resnet18.csv").is_file()
     row = run.row()
     assert row["model"] == "resnet18" and row["epochs"] == 2 and row["best epoch"] in (1, 2)
+
+
+def test_augmentation_options_and_min_lr_reach_the_trainer(tmp_path):
+    from cxrstudy.train import load_checkpoint
+
+    out = Outputs(tmp_path / "run")
+    data = prepare_data("synthetic", None, 32, seed=0, max_images=96, progress=False,
+                        n_images=120, n_patients=60)
+    with pytest.raises(ValueError, match="unknown augmentation keys"):
+        train_and_evaluate("resnet18", data, out, epochs=1, augment={"elastc_p": 0.6},
+                           progress=False)
+    run = train_and_evaluate("resnet18", data, out, tag="recipe", epochs=1, batch_size=32,
+                             n_boot=20, min_lr=1e-5, augment={"elastic_p": 0.6, "blur_p": 0.4},
+                             progress=False)
+    payload = load_checkpoint(run.checkpoint_dir / "last.pt")
+    assert payload["train_config"]["min_lr"] == 1e-5
+    metrics = run_metrics({"recipe": run})
+    assert metrics["recipe"]["epochs_trained"] == 1
+    assert set(metrics["recipe"]["per_class_auc"]) == set(data.classes)
+    assert best_run_sentence({"recipe": run}, data).startswith("Best macro AUC: recipe ")

@@ -15,7 +15,7 @@ from cxrstudy.runner import run_notebooks
 def tiny_results(nih_sample_root, tmp_path_factory):
     results_dir = tmp_path_factory.mktemp("results")
     logs = []
-    outcome = run_notebooks(["00_data_exploration", "01_baseline"], "tiny",
+    outcome = run_notebooks(["all"], "tiny",
                             results_dir=results_dir, progress=False, log=logs.append)
     statuses = {r.name: (r.status, r.error) for r in outcome}
     assert all(s == "ok" for s, _ in statuses.values()), statuses
@@ -64,7 +64,7 @@ def test_baseline_writes_metrics_with_confidence_intervals(tiny_results):
 
 def test_every_run_records_provenance_and_a_rerun_is_skipped(tiny_results):
     root, _ = tiny_results
-    for name in ("00_data_exploration", "01_baseline"):
+    for name in ("00_data_exploration", "01_baseline", "02_mxa", "03_knowledge_distillation"):
         prov = json.loads((root / name / "provenance.json").read_text())
         assert prov["status"] == "ok" and prov["params"]["profile"] == "tiny"
         assert prov["packages"]["torch"] == "2.14.1"
@@ -72,3 +72,44 @@ def test_every_run_records_provenance_and_a_rerun_is_skipped(tiny_results):
     again = run_notebooks(["00_data_exploration"], "tiny", results_dir=root.parent,
                           progress=False, log=lambda m: None)
     assert [r.status for r in again] == ["skipped"]
+
+
+def test_mxa_notebook_counts_parameters_and_measures_the_boxes(tiny_results):
+    root, _ = tiny_results
+    metrics = json.loads((root / "02_mxa/metrics.json").read_text())
+    assert set(metrics["models"]) == {"baseline", "mxa"}
+    params = {k: m["params"] for k, m in metrics["models"].items()}
+    assert params["mxa"] - params["baseline"] == 2843382 - 2158994  # M0's six MXA blocks
+    sizes = metrics["parameters"][0]
+    assert sizes["model"] == "efficientvit_m0" and round(sizes["with MXA (M)"], 3) == 2.843
+    assert 0.0 <= metrics["whole_map_fallback"] <= 1.0
+    boxes = pd.read_csv(root / "02_mxa/tables/roi_boxes.csv")
+    assert len(boxes) == 6 and (boxes["images"] == metrics["splits"][2]["images"]).all()
+    summary = pd.read_csv(root / "02_mxa/tables/summary.csv")
+    assert list(summary["arm"]) == ["baseline", "mxa"]
+    assert summary["collapsed"].between(0, 14).all()
+    assert (root / "02_mxa/figures/roi_boxes.png").stat().st_size > 1000
+
+
+def test_distillation_notebook_writes_the_ablation_with_the_paper_column(tiny_results):
+    root, _ = tiny_results
+    folder = root / "03_knowledge_distillation"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    arms = ["baseline", "mxa", "kd", "mxa_kd", "mxa_kd_differentiable", "mxa_kd_gated"]
+    assert set(metrics["models"]) == set(arms)
+    assert metrics["kd"] == {"alpha": 0.5, "tau": 1.0, "mode": "soft"}
+    assert metrics["teacher"]["name"] == "own resnet18"
+    assert 0.0 <= metrics["teacher"]["overall"]["macro_auc"] <= 1.0
+    table = pd.read_csv(folder / "tables/ablation.csv")
+    assert list(table["arm"]) == arms
+    for row in table.itertuples():
+        low, high = (float(v) for v in row._4.split("–"))  # micro 95% CI
+        assert low <= row._3 <= high
+    paper = table.set_index("arm")["paper micro AUC (M5, CheXpert)"]
+    assert paper["baseline"] == 0.66 and paper["mxa_kd"] == 0.85 and pd.isna(paper["kd"])
+    assert table.loc[1:, "DeLong p (micro)"].between(0, 1).all()
+    # a distilled student has one more head than its plain twin: timm's NormLinear head on M0's
+    # 192 features is BatchNorm (2 × 192) + Linear (14 × 193)
+    params = {k: m["params"] for k, m in metrics["models"].items()}
+    assert params["kd"] - params["baseline"] == params["mxa_kd"] - params["mxa"] == 2 * 192 + 14 * 193
+    assert (folder / "checkpoints/teacher").is_dir()

@@ -160,6 +160,7 @@ def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int =
 def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outputs, *,
                        tag: str | None = None, epochs: int = 1, batch_size: int = 32,
                        lr: float = 1e-3, weight_decay: float = 0.025, warmup_epochs: int = 0,
+                       min_lr: float = 1e-6,
                        ema_decay: float = 0.0, early_stopping_patience: int = 0,
                        grad_clip: float = 1.0, augment: bool | dict = True, n_boot: int = 1000,
                        seed: int = 0, pretrained: bool = False, num_workers: int = 0,
@@ -171,7 +172,7 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     interrupted), the history to ``tables/history_<tag>.csv`` and the test predictions to
     ``predictions/<tag>.npz`` so later notebooks (DeLong tests, explainability) can reuse them.
     """
-    from .data.augment import BatchAugment
+    from .data.augment import BatchAugment, from_config
     from .metrics import summarize
     from .models import create_model
     from .train import TrainConfig, Trainer, make_loss, seed_everything
@@ -186,13 +187,14 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     tag = tag or model_name
     checkpoint_dir = out.root / "checkpoints" / tag
     config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                         min_lr=min_lr,
                          ema_decay=ema_decay or None, early_stopping_patience=early_stopping_patience or None,
                          grad_clip=grad_clip, seed=seed, checkpoint_dir=str(checkpoint_dir), resume=True,
                          progress=progress)
     if augment is True:
         augmenter = BatchAugment(seed=seed)
     elif isinstance(augment, dict):
-        augmenter = BatchAugment.from_config(dict(augment, seed=seed))
+        augmenter = from_config(dict(augment, seed=seed))
     else:
         augmenter = None
     loss_fn = make_loss(loss) if isinstance(loss, str) else loss
@@ -222,6 +224,31 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                      patient_ids=patient_ids, per_class=per_class, overall=overall,
                      n_params=count_parameters(model), train_seconds=train_seconds,
                      checkpoint_dir=checkpoint_dir, extra={"best_epoch": best_epoch})
+
+
+def run_metrics(runs: dict[str, RunResult]) -> dict[str, dict[str, Any]]:
+    """What ``metrics.json`` records of each run: overall metrics with CIs, per-class AUC, size,
+    epochs trained, best epoch and training time (tests and the report read these keys)."""
+    return {tag: {"overall": run.overall,
+                  "per_class_auc": dict(zip(run.per_class["class"], run.per_class["auc"])),
+                  "params": run.n_params,
+                  "epochs_trained": int(run.history["epoch"].max()) if len(run.history) else 0,
+                  "best_epoch": run.extra.get("best_epoch"),
+                  "train_seconds": run.train_seconds}
+            for tag, run in runs.items()}
+
+
+def best_run_sentence(runs: dict[str, RunResult], data: StudyData) -> str:
+    """One line naming the best macro AUC with its CI and the size of the test set."""
+    def key(run):
+        return -1.0 if run.overall.get("macro_auc") is None else run.overall["macro_auc"]
+    best = max(runs.values(), key=key)
+    o = best.overall
+    if o.get("macro_auc") is None:
+        return f"No model has a defined macro AUC on {len(data.test)} test images."
+    return (f"Best macro AUC: {best.tag} {o['macro_auc']:.3f} (95% CI {o['macro_auc_low']:.3f}–"
+            f"{o['macro_auc_high']:.3f}) on {len(data.test)} test images from "
+            f"{data.test.records['patient_id'].nunique()} patients.")
 
 
 def comparison_table(runs: dict[str, RunResult]) -> pd.DataFrame:

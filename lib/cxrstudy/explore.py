@@ -73,6 +73,15 @@ def gallery_picks(dataset, per_class: int, seed: int = 0) -> list[tuple[int, str
     return picks
 
 
+def boxed_first(dataset, n: int) -> list[int]:
+    """``n`` rows of ``dataset``, images with annotated boxes first (in row order), then the rest."""
+    ids = dataset.records["image_id"].to_numpy()
+    boxed = np.isin(ids, dataset.boxes["image_id"].to_numpy()) if len(dataset.boxes) else \
+        np.zeros(len(ids), dtype=bool)
+    order = np.concatenate([np.flatnonzero(boxed), np.flatnonzero(~boxed)])
+    return [int(i) for i in order[:max(int(n), 0)]]
+
+
 def box_image(dataset, which: str = "smallest") -> int:
     """Row of the image with the smallest (or largest) annotated box; 0 when there are no boxes."""
     if len(dataset.boxes) == 0:

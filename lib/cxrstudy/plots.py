@@ -165,3 +165,55 @@ def auc_forest(per_class: Mapping[str, pd.DataFrame], title: str = "Per-class RO
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def normalised_box_grid(images: Sequence[np.ndarray], boxes: Mapping[str, np.ndarray],
+                        titles: Sequence[str], truth: Sequence[Sequence[Mapping]] | None = None,
+                        ncols: int = 4, size: float = 2.4) -> plt.Figure:
+    """Images with predicted boxes ``boxes[name][k] = (x1, y1, x2, y2)`` in [0, 1], one colour
+    per name (e.g. per MXA block), and optional ground-truth boxes in pixel units."""
+    n = max(len(images), 1)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.6),
+                             squeeze=False)
+    colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.9, max(len(boxes), 1)))
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        image = images[k]
+        height, width = image.shape[:2]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(titles[k], fontsize=7)
+        for colour, (name, block_boxes) in zip(colours, boxes.items()):
+            x1, y1, x2, y2 = block_boxes[k]
+            ax.add_patch(Rectangle((x1 * width, y1 * height), (x2 - x1) * width,
+                                   (y2 - y1) * height, fill=False, edgecolor=colour,
+                                   linewidth=1.2, label=name if k == 0 else None))
+        if truth is not None:
+            draw_boxes(ax, truth[k])
+    if boxes:
+        fig.legend(loc="lower center", ncol=min(len(boxes), 4), fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def metric_bars(table: pd.DataFrame, label: str, value: str, ci: str,
+                title: str = "") -> plt.Figure:
+    """Horizontal bars of ``value`` per ``label`` with the "low–high" CI strings of ``ci``."""
+    lows, highs = [], []
+    for text, v in zip(table[ci], table[value]):
+        low, high = (float(p) for p in text.split("–")) if text else (v, v)
+        lows.append(v - low)
+        highs.append(high - v)
+    fig, ax = plt.subplots(figsize=(5.5, 0.4 * len(table) + 1.0))
+    y = np.arange(len(table))
+    ax.barh(y, table[value], xerr=np.vstack([lows, highs]), color="#4c72b0", capsize=3)
+    ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yticks(y, table[label], fontsize=8)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel(value)
+    ax.set_title(title or f"{value} with 95% CI")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,211 @@
+"""The MXA study (Rand & Ibrahim, arXiv 2504.02277): its ablation arms, the paper's numbers, and
+the tables notebooks 02 and 03 show about the block (sizes, shapes, where the ROI boxes land).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..models import count_parameters, create_model
+from ..models.mxa import mxa_blocks
+
+PAPER = "Rand & Ibrahim 2025 (arXiv 2504.02277), CheXpert"
+#: Reported parameter counts, in millions (14 classes, 224 px).
+PAPER_PARAMETERS_M = {"efficientvit_m5": {"without MXA": 12.09, "with MXA": 16.16}}
+#: Reported test micro-AUC of the arms the paper gives (EfficientViT-M5 backbone).
+PAPER_MICRO_AUC = {"baseline": 0.66, "mxa_kd": 0.85}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One ablation arm: the backbone with or without MXA, trained with or without KD."""
+
+    mxa: bool
+    kd: bool
+    crop: str = "faithful"
+    mxa_mode: str = "sum"
+    roi_init: str = "default"
+
+
+ARMS = {
+    "baseline": Arm(mxa=False, kd=False),
+    "mxa": Arm(mxa=True, kd=False),
+    "kd": Arm(mxa=False, kd=True),
+    "mxa_kd": Arm(mxa=True, kd=True),
+    # our options, beside the authors' faithful sum: a crop the loss can train, and the gate
+    "mxa_kd_differentiable": Arm(mxa=True, kd=True, crop="differentiable", roi_init="whole"),
+    "mxa_kd_gated": Arm(mxa=True, kd=True, mxa_mode="gated"),
+}
+
+
+def arm_model(arm: str, backbone: str = "efficientvit_m5") -> tuple[str, dict]:
+    """Registry name and ``create_model`` kwargs of ``arm`` on ``backbone``."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    spec = ARMS[arm]
+    if not spec.mxa:
+        return backbone, {"distilled": True} if spec.kd else {}
+    kwargs = dict(mxa_mode=spec.mxa_mode, crop=spec.crop, roi_init=spec.roi_init)
+    if spec.kd:
+        kwargs["distilled"] = True
+    return f"{backbone}_mxa", kwargs
+
+
+def arms_table(arms: Iterable[str]) -> pd.DataFrame:
+    """What each arm changes, for the notebook's table of arms."""
+    return pd.DataFrame([dict(arm=a, **asdict(ARMS[a])) for a in arms])
+
+
+def parameter_counts(variants: Iterable[str] = ("efficientvit_m0", "efficientvit_m5"),
+                     num_classes: int = 14, in_chans: int = 1, image_size: int = 224
+                     ) -> pd.DataFrame:
+    """Parameters with and without MXA, the paper's counts beside ours (in millions)."""
+    rows = []
+    for variant in variants:
+        plain = create_model(variant, num_classes, in_chans=in_chans, image_size=image_size)
+        with_mxa = create_model(f"{variant}_mxa", num_classes, in_chans=in_chans,
+                                image_size=image_size)
+        paper = PAPER_PARAMETERS_M.get(variant, {})
+        rows.append({
+            "model": variant, "without MXA (M)": count_parameters(plain) / 1e6,
+            "with MXA (M)": count_parameters(with_mxa) / 1e6,
+            "trained with faithful crop (M)": count_parameters(with_mxa, trainable_only=True) / 1e6,
+            "paper without (M)": paper.get("without MXA", np.nan),
+            "paper with (M)": paper.get("with MXA", np.nan),
+        })
+    return pd.DataFrame(rows)
+
+
+def train_arm(arm: str, data, out, *, backbone: str = "efficientvit_m5",
+              teacher: torch.nn.Module | None = None, alpha: float = 0.5, tau: float = 1.0,
+              kd_mode: str = "soft", mxa_options: dict | None = None, **train_kwargs):
+    """Train and test one arm with :func:`cxrstudy.experiment.train_and_evaluate`.
+
+    KD arms train with :class:`cxrstudy.train.DistillationTrainer` against ``teacher``;
+    ``mxa_options`` (``crop``, ``mxa_mode``, ``roi_init``) replace the arm's own MXA settings.
+    Everything else (epochs, lr, …) is the same for every arm.
+    """
+    from ..experiment import train_and_evaluate
+    from ..train import DistillationTrainer
+
+    name, model_kwargs = arm_model(arm, backbone)
+    if mxa_options and ARMS[arm].mxa:
+        model_kwargs.update(mxa_options)
+    if ARMS[arm].kd:
+        if teacher is None:
+            raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
+        train_kwargs.update(trainer_cls=DistillationTrainer, trainer_kwargs=dict(
+            teacher=teacher, alpha=alpha, tau=tau, mode=kd_mode))
+    return train_and_evaluate(name, data, out, tag=arm, model_kwargs=model_kwargs, **train_kwargs)
+
+
+def prepare_teacher(teacher: str, data, out, *, teacher_model: str = "densenet121",
+                    n_boot: int = 1000, seed: int = 0, **train_kwargs):
+    """The frozen teacher and its own test-set result.
+
+    ``teacher="own"`` trains ``teacher_model`` on the same training split (the default: it
+    works offline and on any dataset); ``"txv-densenet121-res224-chex"`` is torchxrayvision's
+    CheXpert DenseNet from its local cache (the paper's teacher); any other value is the path
+    of a cxrstudy checkpoint or run folder.
+    """
+    from ..evaluate import predict_probabilities
+    from ..experiment import make_loaders, train_and_evaluate
+    from ..metrics import summarize
+    from ..models.teachers import load_teacher
+
+    if teacher == "own":
+        run = train_and_evaluate(teacher_model, data, out, tag="teacher", n_boot=n_boot,
+                                 seed=seed, **train_kwargs)
+        module = load_teacher(run.checkpoint_dir, len(data.classes), data.classes)
+        return module, {"teacher": f"own {teacher_model}", "overall": run.overall,
+                        "per_class": run.per_class}
+    module = load_teacher(teacher, len(data.classes), data.classes)
+    _, _, test_loader = make_loaders(data, train_kwargs.get("batch_size", 32), seed)
+    predicted = predict_probabilities(module, test_loader, desc="teacher")
+    mask = predicted["masks"] * module.teacher_mask.cpu().numpy()[None, :]
+    patients = data.test.patient_ids[predicted["indices"]]
+    per_class, overall = summarize(predicted["targets"], predicted["probs"], data.classes,
+                                   mask=mask, patient_ids=patients, n_boot=n_boot, seed=seed)
+    return module, {"teacher": teacher, "overall": overall, "per_class": per_class}
+
+
+@torch.no_grad()
+def block_shapes(backbone: str = "efficientvit_m5", image_size: int = 224,
+                 num_classes: int = 14) -> pd.DataFrame:
+    """The feature map each MXA block sees (C×H×W) at ``image_size``, and the block's size."""
+    model = create_model(f"{backbone}_mxa", num_classes, image_size=image_size).eval()
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left alone
+            seen.setdefault(name, tuple(inputs[0].shape))
+        return hook
+
+    hooks = [block.register_forward_hook(record(name)) for name, block in mxa_blocks(model)]
+    try:
+        model(torch.zeros(1, 1, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return pd.DataFrame([{"block": name, "C": seen[name][1], "H": seen[name][2],
+                          "W": seen[name][3], "MXA params": count_parameters(block)}
+                         for name, block in mxa_blocks(model)])
+
+
+def _student(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "backbone", model)
+
+
+@torch.no_grad()
+def roi_boxes(model: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Predicted normalised ROI boxes [N, 4] per MXA block for ``images`` [N, 1, S, S]."""
+    student = _student(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        model(images.to(device))
+    finally:
+        model.train(was_training)
+    return {name: block.last_boxes.cpu().numpy() for name, block in mxa_blocks(student)}
+
+
+@torch.no_grad()
+def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = None
+                   ) -> pd.DataFrame:
+    """Per block, over the loader's images: how often the crop fell back to the whole map
+    (empty or inverted box), the mean area actually cropped, and the mean predicted box."""
+    student = _student(model)
+    model.eval()
+    device = next(model.parameters()).device
+    fallback: dict[str, list] = {name: [] for name, _ in mxa_blocks(student)}
+    area = {name: [] for name in fallback}
+    predicted = {name: [] for name in fallback}
+    for b, batch in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        model(batch["image"].to(device))
+        for name, block in mxa_blocks(student):
+            used = block.last_crop_boxes.float().cpu()
+            whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
+            fallback[name].append(torch.isclose(used, whole).all(dim=1))
+            area[name].append((used[:, 2] - used[:, 0]) * (used[:, 3] - used[:, 1]))
+            predicted[name].append(block.last_boxes.float().cpu())
+    rows = []
+    for name in fallback:
+        if not fallback[name]:
+            continue
+        boxes = torch.cat(predicted[name]).mean(dim=0).tolist()
+        rows.append({"block": name, "images": int(torch.cat(fallback[name]).numel()),
+                     "whole-map fallback": float(torch.cat(fallback[name]).float().mean()),
+                     "mean cropped area": float(torch.cat(area[name]).mean()),
+                     "mean box (x1, y1, x2, y2)": "(" + ", ".join(f"{v:.2f}" for v in boxes) + ")"})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["ARMS", "Arm", "PAPER", "PAPER_MICRO_AUC", "PAPER_PARAMETERS_M", "arm_model",
+           "arms_table", "parameter_counts", "train_arm", "prepare_teacher", "block_shapes", "roi_boxes", "box_statistics"]
