@@ -5,6 +5,7 @@ its outputs.
 """
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -64,7 +65,8 @@ def test_baseline_writes_metrics_with_confidence_intervals(tiny_results):
 
 def test_every_run_records_provenance_and_a_rerun_is_skipped(tiny_results):
     root, _ = tiny_results
-    for name in ("00_data_exploration", "01_baseline", "02_mxa", "03_knowledge_distillation"):
+    for name in ("00_data_exploration", "01_baseline", "02_mxa", "03_knowledge_distillation",
+                 "04_low_resolution"):
         prov = json.loads((root / name / "provenance.json").read_text())
         assert prov["status"] == "ok" and prov["params"]["profile"] == "tiny"
         assert prov["packages"]["torch"] == "2.14.1"
@@ -113,3 +115,29 @@ def test_distillation_notebook_writes_the_ablation_with_the_paper_column(tiny_re
     params = {k: m["params"] for k, m in metrics["models"].items()}
     assert params["kd"] - params["baseline"] == params["mxa_kd"] - params["mxa"] == 2 * 192 + 14 * 193
     assert (folder / "checkpoints/teacher").is_dir()
+
+
+def test_low_resolution_notebook_writes_every_arm_and_the_small_vs_large_contrast(tiny_results):
+    root, _ = tiny_results
+    folder = root / "04_low_resolution"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"teacher_56", "alone_28", "logit_kd_28", "mlcak_28",
+                                      "efficientvit_m0_28"}
+    assert metrics["paper_numbers_available"] is False
+    assert metrics["weights"] == {"alpha": 1.0, "beta": 1.0, "gamma": 1000.0}
+    for row in metrics["arms_table"]:
+        assert row["macro low"] <= row["macro AUC"] <= row["macro high"], row["arm"]
+    # students and teacher share the 7×7 token grid (tiny): same size but for the patch embedding
+    params = {k: m["params"] for k, m in metrics["models"].items()}
+    patch_weights = lambda patch: 192 * patch * patch  # noqa: E731 (one channel in, 192 out)
+    assert params["teacher_56"] - params["alone_28"] == patch_weights(8) - patch_weights(4)
+    grids = pd.read_csv(folder / "tables/token_grids.csv")
+    assert list(grids["patch tokens"]) == [49, 49]
+    groups = pd.read_csv(folder / "tables/group_deltas.csv")
+    assert set(groups["arm"]) == {"logit_kd", "mlcak"}
+    assert {"small lesion", "large finding"} <= set(groups.columns)
+    deltas = pd.read_csv(folder / "tables/per_class_deltas.csv")
+    check = deltas.dropna(subset=["Δ AUC"])
+    assert np.allclose(check["Δ AUC"], check["AUC"] - check["AUC alone"])
+    for figure in ("resolutions", "auc_vs_resolution", "attention_maps"):
+        assert (folder / f"figures/{figure}.png").stat().st_size > 1000

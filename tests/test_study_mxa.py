@@ -62,3 +62,27 @@ def test_roi_boxes_and_statistics_on_a_distilled_student():
 def test_kd_arm_without_a_teacher_is_refused():
     with pytest.raises(ValueError, match="teacher"):
         study.train_arm("kd", data=None, out=None, backbone="efficientvit_m0")
+
+
+def test_a_sibling_run_is_reused_only_if_it_never_saw_our_test_images(tmp_path):
+    import pandas as pd
+    from types import SimpleNamespace
+
+    out = SimpleNamespace(root=tmp_path / "03_knowledge_distillation")
+    data = SimpleNamespace(test=SimpleNamespace(records=pd.DataFrame({"image_id": ["c", "d"]})))
+    with pytest.raises(ValueError, match="run:<notebook>/<model tag>"):
+        study.sibling_run("run:01_baseline", out, data)
+    with pytest.raises(FileNotFoundError, match="run 01_baseline with this profile first"):
+        study.sibling_run("run:01_baseline/densenet121", out, data)
+    folder = tmp_path / "01_baseline/checkpoints/densenet121"
+    folder.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="splits.csv"):
+        study.sibling_run("run:01_baseline/densenet121", out, data)
+    splits = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "patient_id": ["1", "2", "3", "4"],
+                           "split": ["train", "val", "test", "test"]})
+    splits.to_csv(tmp_path / "01_baseline/splits.csv", index=False)
+    assert study.sibling_run("run:01_baseline/densenet121", out, data) == folder
+    splits.assign(split=["train", "val", "train", "test"]).to_csv(
+        tmp_path / "01_baseline/splits.csv", index=False)
+    with pytest.raises(ValueError, match="trained on 1 of our test images"):
+        study.sibling_run("run:01_baseline/densenet121", out, data)

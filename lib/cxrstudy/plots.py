@@ -217,3 +217,49 @@ def metric_bars(table: pd.DataFrame, label: str, value: str, ci: str,
     ax.set_title(title or f"{value} with 95% CI")
     fig.tight_layout()
     return fig
+
+
+def auc_vs_resolution(table: pd.DataFrame, value: str = "macro AUC", low: str = "macro low",
+                      high: str = "macro high", title: str = "") -> plt.Figure:
+    """One line per arm: ``value`` against image size (log scale), 95% CI as error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for arm, rows in table.groupby("arm", sort=False):
+        rows = rows.sort_values("resolution")
+        err = np.vstack([rows[value] - rows[low], rows[high] - rows[value]])
+        ax.errorbar(rows["resolution"], rows[value], yerr=np.nan_to_num(err), marker="o",
+                    markersize=4, capsize=3, label=arm)
+    sizes = sorted(table["resolution"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("image size (px)")
+    ax.set_ylabel(value)
+    ax.set_title(title or f"{value} (95% CI) against resolution")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def map_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
+                 titles: Sequence[str] | None = None, alpha: float = 0.45,
+                 size: float = 2.0) -> plt.Figure:
+    """Rows: the images, then each named set of maps [N, h, w] in [0, 1] stretched over them."""
+    n = len(images)
+    rows = 1 + len(maps)
+    fig, axes = plt.subplots(rows, n, figsize=(size * n, size * rows + 0.2), squeeze=False)
+    for k in range(n):
+        height, width = images[k].shape[:2]
+        axes[0, k].imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        axes[0, k].set_title(titles[k] if titles is not None else "", fontsize=7)
+        for r, (name, stack) in enumerate(maps.items(), start=1):
+            axes[r, k].imshow(images[k], cmap="gray", vmin=0, vmax=255)
+            axes[r, k].imshow(stack[k], cmap="jet", alpha=alpha, vmin=0, vmax=1,
+                              extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                              interpolation="bilinear")
+            if k == 0:
+                axes[r, k].set_ylabel(name, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

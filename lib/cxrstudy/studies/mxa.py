@@ -4,6 +4,7 @@ the tables notebooks 02 and 03 show about the block (sizes, shapes, where the RO
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -103,20 +104,56 @@ def train_arm(arm: str, data, out, *, backbone: str = "efficientvit_m5",
     return train_and_evaluate(name, data, out, tag=arm, model_kwargs=model_kwargs, **train_kwargs)
 
 
+RUN_PREFIX = "run:"
+
+
+def sibling_run(spec: str, out, data) -> Path:
+    """Checkpoint folder of ``run:<notebook>/<tag>`` beside this notebook's output folder.
+
+    Refused when that notebook has not run, or when it trained on any image of our test split
+    (its ``splits.csv`` is compared with ours), so a reused teacher never saw our test set.
+    """
+    notebook, _, tag = spec[len(RUN_PREFIX):].partition("/")
+    if not notebook or not tag:
+        raise ValueError(f"teacher {spec!r}: write run:<notebook>/<model tag>, e.g. "
+                         f"run:01_baseline/densenet121")
+    source = Path(out.root).parent / notebook
+    folder = source / "checkpoints" / tag
+    if not folder.is_dir():
+        raise FileNotFoundError(f"teacher {spec!r}: {folder} does not exist; run {notebook} with "
+                                f"this profile first, or set teacher='own'")
+    splits_file = source / "splits.csv"
+    if not splits_file.is_file():
+        raise FileNotFoundError(f"teacher {spec!r}: {splits_file} is missing, so it cannot be "
+                                f"checked that the teacher never trained on our test images")
+    splits = pd.read_csv(splits_file, dtype={"image_id": str})
+    seen = set(splits.loc[splits["split"].isin(["train", "val"]), "image_id"])
+    leaked = sorted(seen & set(data.test.records["image_id"].astype(str)))
+    if leaked:
+        raise ValueError(f"teacher {spec!r} trained on {len(leaked)} of our test images (e.g. "
+                         f"{leaked[0]}): its split differs from ours (another seed or subsample); "
+                         f"set teacher='own'")
+    return folder
+
+
 def prepare_teacher(teacher: str, data, out, *, teacher_model: str = "densenet121",
                     n_boot: int = 1000, seed: int = 0, **train_kwargs):
     """The frozen teacher and its own test-set result.
 
     ``teacher="own"`` trains ``teacher_model`` on the same training split (the default: it
-    works offline and on any dataset); ``"txv-densenet121-res224-chex"`` is torchxrayvision's
-    CheXpert DenseNet from its local cache (the paper's teacher); any other value is the path
-    of a cxrstudy checkpoint or run folder.
+    works offline and on any dataset); ``"run:01_baseline/densenet121"`` reuses a model another
+    notebook of the same profile trained (see :func:`sibling_run`);
+    ``"txv-densenet121-res224-chex"`` is torchxrayvision's CheXpert DenseNet from its local
+    cache (the paper's teacher); any other value is the path of a cxrstudy checkpoint or run
+    folder.
     """
     from ..evaluate import predict_probabilities
     from ..experiment import make_loaders, train_and_evaluate
     from ..metrics import summarize
     from ..models.teachers import load_teacher
 
+    if teacher.startswith(RUN_PREFIX):
+        teacher = str(sibling_run(teacher, out, data))
     if teacher == "own":
         run = train_and_evaluate(teacher_model, data, out, tag="teacher", n_boot=n_boot,
                                  seed=seed, **train_kwargs)
@@ -208,4 +245,4 @@ def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = Non
 
 
 __all__ = ["ARMS", "Arm", "PAPER", "PAPER_MICRO_AUC", "PAPER_PARAMETERS_M", "arm_model",
-           "arms_table", "parameter_counts", "train_arm", "prepare_teacher", "block_shapes", "roi_boxes", "box_statistics"]
+           "arms_table", "parameter_counts", "train_arm", "prepare_teacher", "sibling_run", "block_shapes", "roi_boxes", "box_statistics"]

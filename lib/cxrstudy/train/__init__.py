@@ -7,6 +7,7 @@
 """
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distillation import DistillationTrainer, kd_loss
+from .mlcak import MLCAKTrainer, global_labels, mlcak_loss
 from .losses import LOSSES, list_losses, make_loss, masked_bce, register_loss
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
 from .trainer import (HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, launch_from_notebook,
@@ -16,4 +17,4 @@ __all__ = ["Trainer", "TrainConfig", "Predictions", "launch_from_notebook",
            "resolve_mixed_precision", "HISTORY_COLUMNS", "masked_bce", "make_loss",
            "register_loss", "list_losses", "LOSSES", "save_checkpoint", "load_checkpoint",
            "seed_everything", "capture_rng_state", "restore_rng_state", "DistillationTrainer",
-           "kd_loss"]
+           "kd_loss", "MLCAKTrainer", "mlcak_loss", "global_labels"]

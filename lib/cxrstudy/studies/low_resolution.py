@@ -1,0 +1,165 @@
+"""The low-resolution study (MLCAK, arXiv 2405.13370): one patient split at every resolution,
+the teacher, the three student arms, and the tables and maps notebook 04 shows.
+
+Arms per student resolution, differing only in distillation (:class:`cxrstudy.train.MLCAKTrainer`):
+``alone`` (no teacher), ``logit_kd`` (α, β; γ = 0) and ``mlcak`` (α, β, γ). Beside them, the
+EfficientViT-M hybrid trained plainly at each resolution. The paper's numbers are not public in
+our sources, so nothing here is compared with them.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.labels import canonical
+from ..models import AttentionRecorder, patch_size_for, token_layout
+
+ARMS = ("alone", "logit_kd", "mlcak")
+#: Findings that occupy a few pixels at 28 px, and findings that fill a large part of the film.
+SMALL_LESIONS = ("Nodule", "Mass")
+LARGE_FINDINGS = ("Cardiomegaly", "Effusion")
+
+
+def prepare_resolutions(dataset: str, data_root, sizes: Iterable[int], **prepare_kwargs
+                        ) -> dict[int, object]:
+    """:func:`cxrstudy.experiment.prepare_data` at each size: the same patients in every split
+    (the split and subsample depend on the seed, not on the size — checked here)."""
+    from ..experiment import prepare_data
+
+    sizes = sorted({int(s) for s in sizes})
+    datasets = {size: prepare_data(dataset, data_root, size, **prepare_kwargs) for size in sizes}
+    first = datasets[sizes[0]]
+    for size, data in datasets.items():
+        for split in ("train", "val", "test"):
+            ours = getattr(data, split).records["image_id"].to_numpy()
+            if not np.array_equal(ours, getattr(first, split).records["image_id"].to_numpy()):
+                raise RuntimeError(f"the {split} split at {size} px holds other images than at "
+                                   f"{sizes[0]} px")
+    return datasets
+
+
+def vit_kwargs(image_size: int, grid: int) -> dict:
+    """Patch size keeping a ``grid``×``grid`` token grid at ``image_size`` (224 → 16, 28 → 2).
+
+    Where ``image_size`` is not a multiple of ``grid`` (ChestMNIST's 64 and 128 px with a
+    14-token grid) the patch is the largest divisor of ``image_size`` not above
+    ``image_size / grid``, so the grid is a little finer (64 → patch 4, 16×16) and the teacher's
+    maps are interpolated to it (``align="interpolate"``).
+    """
+    try:
+        return {"patch_size": patch_size_for(image_size, grid)}
+    except ValueError:
+        patch = max(p for p in range(1, image_size // grid + 1) if image_size % p == 0)
+        return {"patch_size": patch}
+
+
+def token_grids(sizes: Iterable[int], grid: int) -> pd.DataFrame:
+    """Patch size and token grid of the ViT at each size (what the attention maps align on)."""
+    rows = []
+    for size in sorted({int(s) for s in sizes}):
+        patch = vit_kwargs(size, grid)["patch_size"]
+        rows.append({"resolution": size, "patch": patch, "grid": f"{size // patch}×{size // patch}",
+                     "patch tokens": (size // patch) ** 2})
+    return pd.DataFrame(rows)
+
+
+def train_teacher(data, out, *, model: str = "deit_small_mt", grid: int = 14, **train_kwargs):
+    """The two-task ViT teacher at the data's (highest) resolution, trained alone."""
+    from ..experiment import train_and_evaluate
+    from ..train import MLCAKTrainer
+
+    return train_and_evaluate(model, data, out, tag=f"teacher_{data.image_size}",
+                              model_kwargs=vit_kwargs(data.image_size, grid),
+                              trainer_cls=MLCAKTrainer, trainer_kwargs={"teacher": None},
+                              **train_kwargs)
+
+
+def train_student(arm: str, data, out, *, teacher, model: str = "deit_small_mt", grid: int = 14,
+                  alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                  attention_levels: int = 3, align: str = "interpolate", **train_kwargs):
+    """One student arm at the data's resolution (see module docstring)."""
+    from ..experiment import train_and_evaluate
+    from ..train import MLCAKTrainer
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    settings = {"alone": dict(teacher=None),
+                "logit_kd": dict(teacher=teacher, alpha=alpha, beta=beta, gamma=0.0),
+                "mlcak": dict(teacher=teacher, alpha=alpha, beta=beta, gamma=gamma,
+                              attention_levels=attention_levels, align=align)}[arm]
+    if arm != "alone" and teacher is None:
+        raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
+    return train_and_evaluate(model, data, out, tag=f"{arm}_{data.image_size}",
+                              model_kwargs=vit_kwargs(data.image_size, grid),
+                              trainer_cls=MLCAKTrainer, trainer_kwargs=settings, **train_kwargs)
+
+
+def resolution_table(runs: Mapping[tuple[str, int], object]) -> pd.DataFrame:
+    """One row per (arm, resolution): macro and micro AUC with 95% CIs, size, time."""
+    rows = []
+    for (arm, size), run in runs.items():
+        o = run.overall
+        rows.append({"arm": arm, "resolution": int(size), "params (M)": run.n_params / 1e6,
+                     "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
+                     "macro high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
+                     "micro low": o.get("micro_auc_low"), "micro high": o.get("micro_auc_high"),
+                     "train s": round(run.train_seconds, 1)})
+    return pd.DataFrame(rows).sort_values(["arm", "resolution"]).reset_index(drop=True)
+
+
+def class_group(name: str) -> str:
+    key = canonical(name)
+    if key in {canonical(c) for c in SMALL_LESIONS}:
+        return "small lesion"
+    if key in {canonical(c) for c in LARGE_FINDINGS}:
+        return "large finding"
+    return "other"
+
+
+def per_class_deltas(runs: Mapping[tuple[str, int], object], reference: str = "alone",
+                     arms: Sequence[str] = ("logit_kd", "mlcak")) -> pd.DataFrame:
+    """AUC of each distilled arm minus the student alone, per class and resolution, with the
+    class's group (small lesion, large finding, other)."""
+    rows = []
+    for (arm, size), run in runs.items():
+        if arm not in arms or (reference, size) not in runs:
+            continue
+        base = runs[(reference, size)].per_class.set_index("class")["auc"]
+        for record in run.per_class.itertuples(index=False):
+            rows.append({"class": record[0], "group": class_group(record[0]), "arm": arm,
+                         "resolution": int(size), "AUC": record.auc,
+                         f"AUC {reference}": base.get(record[0], np.nan),
+                         "Δ AUC": record.auc - base.get(record[0], np.nan)})
+    return pd.DataFrame(rows)
+
+
+def group_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Mean Δ AUC per group, arm and resolution (the small-vs-large contrast)."""
+    return (deltas.groupby(["group", "arm", "resolution"], as_index=False)["Δ AUC"].mean()
+            .pivot_table(index=["arm", "resolution"], columns="group", values="Δ AUC")
+            .reset_index())
+
+
+@torch.no_grad()
+def cls_attention(model: torch.nn.Module, images: torch.Tensor, layer: int = -1) -> np.ndarray:
+    """Head-averaged attention of the CLS token over the patches at ``layer``, as [N, g, g]
+    maps rescaled to [0, 1] per image (the picture of "where the model looks")."""
+    model.eval()
+    device = next(model.parameters()).device
+    layout = token_layout(model)
+    with AttentionRecorder(model, [layer]) as recorder:
+        model(images.to(device))
+        maps = recorder.ordered()[0]
+    cls_row = maps[:, 0, layout.prefix:].float().cpu()
+    cls_row = cls_row.reshape(-1, *layout.grid)
+    low = cls_row.flatten(1).min(dim=1).values[:, None, None]
+    high = cls_row.flatten(1).max(dim=1).values[:, None, None]
+    return ((cls_row - low) / (high - low).clamp_min(1e-12)).numpy()
+
+
+__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "prepare_resolutions", "vit_kwargs", "token_grids",
+           "train_teacher", "train_student", "resolution_table", "class_group",
+           "per_class_deltas", "group_deltas", "cls_attention"]

@@ -1,0 +1,324 @@
+"""MLCAK: token grids, attention maps read from timm, their alignment, the two-task loss by hand,
+and the trainer's frozen teacher."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cxrstudy.models import create_model
+from cxrstudy.models.attention_maps import (AttentionRecorder, TokenLayout, align_attention,
+                                            drop_prefix, patch_size_for, resize_attention,
+                                            token_layout)
+from cxrstudy.models.multitask import (MultiTaskClassifier, MultiTaskOutput, add_global_head,
+                                       is_multitask)
+from cxrstudy.train import TrainConfig, Trainer, load_checkpoint, seed_everything
+from cxrstudy.train.mlcak import (MLCAKTrainer, default_layer_pairs, finding_columns,
+                                  global_labels, mlcak_loss)
+
+CLASSES = ["Atelectasis", "Effusion", "No Finding"]
+TINY = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+def _vit(image_size: int, patch_size: int, name: str = "deit_tiny_mt", **extra):
+    return create_model(name, num_classes=len(CLASSES), image_size=image_size,
+                        patch_size=patch_size, **dict(TINY, **extra))
+
+
+def _random_maps(batch: int, layout: TokenLayout, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, layout.tokens, layout.tokens, generator=g) * 2.0
+    return scores.softmax(dim=-1)
+
+
+# ---- token grids --------------------------------------------------------------------------------
+@pytest.mark.parametrize("size, patch", [(224, 16), (112, 8), (56, 4), (28, 2)])
+def test_every_resolution_keeps_the_14_by_14_token_grid(size, patch):
+    assert patch_size_for(size) == patch
+    model = create_model("deit_tiny", 3, image_size=size, patch_size=patch_size_for(size),
+                         embed_dim=16, depth=1, num_heads=1)
+    assert token_layout(model) == TokenLayout(1, (14, 14))
+    with torch.no_grad():
+        tokens = model.forward_features(torch.rand(1, 1, size, size))
+    assert tokens.shape == (1, 1 + 196, 16)
+
+
+def test_patch_size_for_refuses_sizes_off_the_grid():
+    assert patch_size_for(64, grid=8) == 8
+    with pytest.raises(ValueError, match="not divisible"):
+        patch_size_for(100)
+
+
+# ---- attention maps -----------------------------------------------------------------------------
+def test_recorded_maps_are_the_softmax_of_qkv_and_the_model_is_restored():
+    seed_everything(0)
+    model = create_model("deit_tiny", 3, image_size=32, patch_size=4, **TINY).eval()
+    attn = model.blocks[1].attn
+    assert attn.fused_attn is True  # timm's default here: SDPA, no map
+    x = torch.rand(2, 1, 32, 32)
+    inputs = []
+    handle = attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        fused_logits = model(x)
+        with AttentionRecorder(model, [0, -1], average_heads=False) as recorder:
+            assert attn.fused_attn is False and model.blocks[0].attn.fused_attn is False
+            logits = model(x)
+    handle.remove()
+    # restored: flags back, hooks gone, the same outputs as the fused path
+    assert attn.fused_attn is True and model.blocks[0].attn.fused_attn is True
+    assert len(attn.attn_drop._forward_pre_hooks) == 0
+    assert torch.allclose(logits, fused_logits, atol=1e-5)
+    maps = recorder.maps[1]                                   # layer -1 → block 1
+    assert maps.shape == (2, 2, 65, 65)                       # B, heads, 1 + 8·8 tokens
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 65), atol=1e-5)
+    # by hand from the block's input: softmax(q kᵀ / √d) per head
+    tokens = inputs[-1]
+    qkv = attn.qkv(tokens).reshape(2, 65, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    manual = (q @ k.transpose(-2, -1) / math.sqrt(16)).softmax(dim=-1)
+    assert torch.allclose(maps, manual, atol=1e-5)
+
+
+def test_head_averaged_maps_carry_gradient_to_the_student():
+    model = create_model("deit_tiny", 3, image_size=16, patch_size=2, **TINY)
+    with AttentionRecorder(model, [1]) as recorder:
+        model(torch.rand(2, 1, 16, 16))
+    (a,) = recorder.ordered()
+    assert a.shape == (2, 65, 65)
+    assert torch.allclose(a.sum(-1), torch.ones(2, 65), atol=1e-5)
+    a[:, 0, 1:].pow(2).sum().backward()
+    assert model.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.blocks[1].mlp.fc1.weight.grad is None  # after the map: untouched
+
+
+# ---- alignment between grids --------------------------------------------------------------------
+@pytest.mark.parametrize("grid", [(2, 2), (8, 8), (3, 5)])
+def test_resized_maps_keep_row_sums_and_the_prefix_share(grid):
+    source = TokenLayout(1, (4, 4))
+    maps = _random_maps(3, source)
+    resized = resize_attention(maps, source, grid)
+    tokens = 1 + grid[0] * grid[1]
+    assert resized.shape == (3, tokens, tokens)
+    assert torch.allclose(resized.sum(-1), torch.ones(3, tokens), atol=1e-5)
+    # the CLS row keeps its split between CLS and patches; CLS→CLS is untouched
+    assert torch.allclose(resized[:, 0, 0], maps[:, 0, 0])
+    assert torch.allclose(resized[:, 0, 1:].sum(-1), maps[:, 0, 1:].sum(-1), atol=1e-6)
+
+
+def test_uniform_attention_stays_uniform_and_equal_grids_are_left_alone():
+    source = TokenLayout(1, (4, 4))
+    uniform = torch.full((1, 17, 17), 1.0 / 17)
+    resized = resize_attention(uniform, source, (2, 2))
+    patch_share = 16.0 / 17 / 4
+    assert torch.allclose(resized[0, :, 1:], torch.full((5, 4), patch_share), atol=1e-6)
+    maps = _random_maps(2, source)
+    assert align_attention(maps, source, source, align="exact") is maps
+
+
+def test_prefix_handling_and_refusals():
+    teacher, student = TokenLayout(2, (4, 4)), TokenLayout(1, (2, 2))
+    maps = _random_maps(2, teacher)
+    with pytest.raises(ValueError, match="prefix"):
+        align_attention(maps, teacher, student, prefix="keep")
+    with pytest.raises(ValueError, match="grids differ"):
+        align_attention(maps, teacher, TokenLayout(0, (2, 2)), align="exact", prefix="drop")
+    aligned = align_attention(maps, teacher, student, prefix="drop")
+    assert aligned.shape == (2, 4, 4)
+    assert torch.allclose(aligned.sum(-1), torch.ones(2, 4), atol=1e-5)
+    patches = drop_prefix(maps, teacher)
+    assert torch.allclose(patches, maps[:, 2:, 2:] / maps[:, 2:, 2:].sum(-1, keepdim=True))
+
+
+# ---- the global task and the loss ---------------------------------------------------------------
+def test_global_label_rule_with_masks():
+    target = torch.tensor([[1., 0., 0.], [0., 0., 0.], [0., 0., 0.], [0., 1., 0.], [1., 0., 0.],
+                           [0., 0., 1.]])
+    mask = torch.tensor([[1., 1., 1.], [1., 1., 1.], [1., 0., 1.], [0., 1., 1.], [0., 1., 1.],
+                         [1., 1., 1.]])
+    findings = finding_columns(CLASSES)
+    assert findings.tolist() == [True, True, False]   # "No Finding" is not an abnormality
+    g, m = global_labels(target, mask, findings)
+    # 0: positive → abnormal; 1: all known negative → normal; 2: an unknown finding, none
+    # positive → unknown; 3: unknown + known positive → abnormal; 4: the positive is unknown →
+    # unknown; 5: only "No Finding" positive → normal
+    assert g.tolist() == [1., 0., 0., 1., 0., 0.]
+    assert m.tolist() == [1., 1., 0., 1., 0., 1.]
+    g_all, _ = global_labels(target, mask)              # every column a finding
+    assert g_all.tolist()[5] == 1.0
+
+
+def _bce(z, y):
+    p = 1 / (1 + math.exp(-z))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def test_mlcak_loss_matches_the_hand_computation():
+    local_s = [[0.5, -1.0, 2.0], [0.0, 1.5, -0.5]]
+    local_t = [[1.0, 0.0, 1.0], [-1.0, 1.0, 0.5]]
+    glob_s, glob_t = [0.3, -0.2], [1.0, 0.4]
+    target = [[1., 0., 0.], [0., 0., 0.]]
+    mask = [[1., 1., 1.], [1., 0., 1.]]          # image 1: a finding unknown, none positive
+    a_s = torch.tensor([[[0.5, 0.5], [0.2, 0.8]]])
+    a_t = torch.tensor([[[0.7, 0.3], [0.2, 0.8]]])
+    b_s = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    b_t = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
+    alpha, beta, gamma = 0.5, 2.0, 3.0
+    local = sum(_bce(local_s[i][j], target[i][j]) * mask[i][j]
+                for i in range(2) for j in range(3)) / 5
+    glob = _bce(glob_s[0], 1.0)                  # image 1's global label is unknown
+    local_kd = sum((local_s[i][j] - local_t[i][j]) ** 2 for i in range(2) for j in range(3)) / 6
+    glob_kd = ((0.3 - 1.0) ** 2 + (-0.2 - 0.4) ** 2) / 2
+    attention = (0.2 ** 2 * 2) / 4 + (1.0 * 2) / 4
+    expected = local + glob + alpha * local_kd + beta * glob_kd + gamma * attention
+    student = MultiTaskOutput(torch.tensor(local_s), torch.tensor(glob_s))
+    teacher = MultiTaskOutput(torch.tensor(local_t), torch.tensor(glob_t))
+    terms = mlcak_loss(student, torch.tensor(target), torch.tensor(mask), teacher, [a_s, b_s],
+                       [a_t, b_t], alpha=alpha, beta=beta, gamma=gamma,
+                       findings=torch.tensor([True, True, False]))
+    assert terms.local.item() == pytest.approx(local, abs=1e-6)
+    assert terms.global_.item() == pytest.approx(glob, abs=1e-6)
+    assert terms.local_kd.item() == pytest.approx(local_kd, abs=1e-6)
+    assert terms.global_kd.item() == pytest.approx(glob_kd, abs=1e-6)
+    assert terms.attention.item() == pytest.approx(attention, abs=1e-6)
+    assert terms.total.item() == pytest.approx(expected, abs=1e-5)
+    alone = mlcak_loss(student, torch.tensor(target), torch.tensor(mask), None,
+                       findings=torch.tensor([True, True, False]))
+    assert alone.total.item() == pytest.approx(local + glob, abs=1e-6)
+
+
+def test_default_layer_pairs_are_evenly_spaced_and_end_at_the_last_block():
+    assert default_layer_pairs(12, 12) == [(3, 3), (7, 7), (11, 11)]
+    assert default_layer_pairs(2, 12) == [(0, 5), (1, 11)]
+
+
+# ---- the two-task model -------------------------------------------------------------------------
+def test_multitask_model_modes_and_the_plain_trainer_refusal():
+    model = _vit(16, 2)
+    assert isinstance(model, MultiTaskClassifier) and is_multitask(model)
+    x = torch.rand(2, 1, 16, 16)
+    out = model.train()(x)
+    assert isinstance(out, MultiTaskOutput)
+    assert out.local.shape == (2, 3) and out.global_.shape == (2,)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), model.forward_tasks(x).local)
+    trainer = Trainer(model.train(), TrainConfig(epochs=1, progress=False, cpu=True))
+    with pytest.raises(TypeError):
+        trainer.training_step({"image": x, "target": torch.zeros(2, 3), "mask": torch.ones(2, 3)})
+
+
+def test_add_global_head_config_rebuilds_the_same_architecture():
+    plain = create_model("resnet18", 2, image_size=32)
+    wrapped = add_global_head(plain)
+    config = wrapped.cxr_config
+    assert config["name"] == "multitask" and config["kwargs"]["backbone"] == "resnet18"
+    rebuilt = create_model(config["name"], config["num_classes"], in_chans=config["in_chans"],
+                           image_size=config["image_size"], **config["kwargs"])
+    rebuilt.load_state_dict(wrapped.state_dict(), strict=True)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval().forward_tasks(x).global_,
+                              wrapped.eval().forward_tasks(x).global_)
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+def _batches(n: int, size: int, seed: int = 0, batch: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n):
+        mask = torch.ones(batch, len(CLASSES))
+        mask[0, 1] = 0.0
+        out.append({"image": torch.rand(batch, 1, size, size, generator=g),
+                    "target": (torch.rand(batch, len(CLASSES), generator=g) > 0.5).float(),
+                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
+    return out
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_mlcak_trainer_trains_the_student_only_and_its_checkpoint_rebuilds(tmp_path):
+    from cxrstudy.evaluate import load_model_from_checkpoint
+
+    seed_everything(0)
+    teacher = create_model("multitask", len(CLASSES), image_size=32, patch_size=4,
+                           backbone="vit_tiny_patch16_224", **TINY).train()
+    student = _vit(16, 2)
+    teacher_before, student_before = _state(teacher), _state(student)
+    seen = []
+    teacher.backbone.patch_embed.register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(args[0].shape)))
+    config = TrainConfig(epochs=1, lr=1e-2, warmup_epochs=0, cpu=True, progress=False,
+                         checkpoint_dir=str(tmp_path / "run"))
+    trainer = MLCAKTrainer(student, config, class_names=CLASSES, teacher=teacher,
+                           alpha=1.0, beta=1.0, gamma=1.0)
+    history = trainer.fit(_batches(1, 16), _batches(1, 16, seed=1))
+    assert history["train_loss"].notna().all()
+    assert seen and all(shape[-2:] == (32, 32) for shape in seen)  # upsampled to the teacher
+    assert trainer.last_terms["attention"] > 0 and trainer.last_terms["global_kd"] > 0
+    # the teacher: frozen, never given a gradient, byte-identical; fused attention restored
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert all(block.attn.fused_attn for block in teacher.backbone.blocks)
+    assert all(block.attn.fused_attn for block in student.backbone.blocks)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])}
+    assert {"head_global.weight", "backbone.head.weight",
+            "backbone.blocks.0.attn.qkv.weight"} <= moved
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["train_config"]["mlcak"] == {
+        "teacher": "multitask", "teacher_image_size": 32, "alpha": 1.0, "beta": 1.0,
+        "gamma": 1.0, "layer_pairs": [[0, 0], [1, 1]], "align": "interpolate",
+        "prefix": "keep", "findings": ["Atelectasis", "Effusion"]}
+    assert payload["model"].keys() == student.state_dict().keys()
+    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "last.pt")
+    assert isinstance(rebuilt, MultiTaskClassifier)
+    assert meta["model_config"]["name"] == "deit_tiny_mt"
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), student.eval()(x), atol=1e-6)
+    preds = trainer.predict(_batches(1, 16, seed=2))
+    assert preds.logits.shape == (4, 3)
+
+
+def test_student_alone_and_interpolated_grids():
+    seed_everything(0)
+    alone = MLCAKTrainer(_vit(16, 2), TrainConfig(epochs=1, cpu=True, progress=False),
+                         class_names=CLASSES)
+    batch = _batches(1, 16)[0]
+    loss = alone.training_step(batch)
+    assert alone.last_terms["local_kd"] == 0 and alone.last_terms["attention"] == 0
+    assert loss.item() == pytest.approx(float(alone.last_terms["local"]
+                                              + alone.last_terms["global_"]), abs=1e-6)
+    assert alone.mlcak_settings()["teacher"] is None and alone.mlcak_settings()["gamma"] == 0.0
+    # a 4×4 student grid against an 8×8 teacher: the teacher's maps are resized
+    teacher = _vit(32, 4)
+    student = _vit(16, 4)
+    with pytest.raises(ValueError, match="grids differ"):
+        MLCAKTrainer(student, TrainConfig(epochs=1, cpu=True, progress=False), teacher=teacher,
+                     align="exact")
+    trainer = MLCAKTrainer(student, TrainConfig(epochs=1, cpu=True, progress=False),
+                           class_names=CLASSES, teacher=teacher, layer_pairs=[(-1, -1)])
+    trainer.training_step(batch).backward()
+    assert trainer.layer_pairs == [(1, 1)] and trainer.last_terms["attention"] > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.backbone.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_train_and_evaluate_runs_the_mlcak_arm(tmp_path):
+    from cxrstudy.experiment import prepare_data, train_and_evaluate
+    from cxrstudy.outputs import Outputs
+
+    data = prepare_data("synthetic", None, 16, seed=0, max_images=40, progress=False,
+                        cache=False, n_images=40, n_patients=20)
+    seed_everything(0)
+    teacher = create_model("deit_tiny_mt", len(data.classes), image_size=32, patch_size=4, **TINY)
+    run = train_and_evaluate("deit_tiny_mt", data, Outputs(tmp_path / "mlcak"), tag="mlcak",
+                             epochs=1, batch_size=16, n_boot=5, augment=False, progress=False,
+                             model_kwargs=dict(patch_size=2, **TINY), trainer_cls=MLCAKTrainer,
+                             trainer_kwargs={"teacher": teacher, "gamma": 10.0})
+    assert run.probs.shape == (len(data.test), len(data.classes))
+    payload = load_checkpoint(tmp_path / "mlcak/checkpoints/mlcak/last.pt")
+    assert payload["train_config"]["mlcak"]["gamma"] == 10.0
