@@ -66,7 +66,7 @@ def test_baseline_writes_metrics_with_confidence_intervals(tiny_results):
 def test_every_run_records_provenance_and_a_rerun_is_skipped(tiny_results):
     root, _ = tiny_results
     for name in ("00_data_exploration", "01_baseline", "02_mxa", "03_knowledge_distillation",
-                 "04_low_resolution"):
+                 "04_low_resolution", "05_glori", "06_cross_attention"):
         prov = json.loads((root / name / "provenance.json").read_text())
         assert prov["status"] == "ok" and prov["params"]["profile"] == "tiny"
         assert prov["packages"]["torch"] == "2.14.1"
@@ -141,3 +141,41 @@ def test_low_resolution_notebook_writes_every_arm_and_the_small_vs_large_contras
     assert np.allclose(check["Δ AUC"], check["AUC"] - check["AUC alone"])
     for figure in ("resolutions", "auc_vs_resolution", "attention_maps"):
         assert (folder / f"figures/{figure}.png").stat().st_size > 1000
+
+
+def test_glori_notebook_writes_arms_buckets_and_label_efficiency(tiny_results):
+    root, _ = tiny_results
+    folder = root / "05_glori"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"fine_tune", "linear_probe", "glori", "glori_cls"}
+    assert metrics["loss"] == "asl" and metrics["backbone_weights"] == "fine_tune"
+    params = {k: m["params"] for k, m in metrics["models"].items()}
+    # the probes share the fine-tuned backbone; GLoRI adds its decoder, the CLS variant more inputs
+    assert params["linear_probe"] == params["fine_tune"] < params["glori"] < params["glori_cls"]
+    assert {row["arm"] for row in metrics["auc_by_bucket"]} == set(params)
+    efficiency = pd.DataFrame(metrics["label_efficiency"])
+    assert sorted(efficiency["fraction"].unique()) == [0.25, 1.0]
+    quarter = efficiency[efficiency["fraction"] == 0.25]["train images"].iloc[0]
+    full = efficiency[efficiency["fraction"] == 1.0]["train images"].iloc[0]
+    assert full == metrics["splits"][0]["images"] and 0.15 * full <= quarter <= 0.35 * full
+    buckets = pd.read_csv(folder / "tables/prevalence_buckets.csv")
+    assert buckets["bucket"].value_counts().to_dict() == {"head": 5, "medium": 5, "tail": 4}
+    assert (folder / "figures/disease_attention.png").stat().st_size > 1000
+
+
+def test_cross_attention_notebook_compares_losses_on_the_same_model(tiny_results):
+    root, _ = tiny_results
+    folder = root / "06_cross_attention"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    arms = {"single", "can_bce", "can_weighted_bce", "can_focal", "can_asl", "can_balance"}
+    assert set(metrics["models"]) == arms
+    params = {k: m["params"] for k, m in metrics["models"].items()}
+    assert len({params[a] for a in arms - {"single"}}) == 1  # only the loss differs
+    # two resnet18 networks with their own heads, plus one 1×1 attention conv (512 → 1) each
+    assert params["can_bce"] == 2 * params["single"] + 2 * (512 + 1)
+    table = pd.read_csv(folder / "tables/arms.csv")
+    assert table.loc[table["arm"] != "single", "DeLong p (micro)"].between(0, 1).all()
+    for row in metrics["arms_table"]:
+        low, high = (float(v) for v in row["macro 95% CI"].split("–"))
+        assert low <= row["macro AUC"] <= high, row["arm"]
+    assert (folder / "figures/cross_attention.png").stat().st_size > 1000

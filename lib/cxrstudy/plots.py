@@ -220,21 +220,23 @@ def metric_bars(table: pd.DataFrame, label: str, value: str, ci: str,
 
 
 def auc_vs_resolution(table: pd.DataFrame, value: str = "macro AUC", low: str = "macro low",
-                      high: str = "macro high", title: str = "") -> plt.Figure:
-    """One line per arm: ``value`` against image size (log scale), 95% CI as error bars."""
+                      high: str = "macro high", title: str = "", x: str = "resolution",
+                      xlabel: str = "image size (px)") -> plt.Figure:
+    """One line per arm: ``value`` against ``x`` (log scale; image size, or the share of
+    training data), 95% CI as error bars."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for arm, rows in table.groupby("arm", sort=False):
-        rows = rows.sort_values("resolution")
+        rows = rows.sort_values(x)
         err = np.vstack([rows[value] - rows[low], rows[high] - rows[value]])
-        ax.errorbar(rows["resolution"], rows[value], yerr=np.nan_to_num(err), marker="o",
+        ax.errorbar(rows[x], rows[value], yerr=np.nan_to_num(err), marker="o",
                     markersize=4, capsize=3, label=arm)
-    sizes = sorted(table["resolution"].unique())
+    ticks = sorted(table[x].unique())
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("image size (px)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(value)
-    ax.set_title(title or f"{value} (95% CI) against resolution")
+    ax.set_title(title or f"{value} (95% CI) against {xlabel}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -242,8 +244,10 @@ def auc_vs_resolution(table: pd.DataFrame, value: str = "macro AUC", low: str = 
 
 def map_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
                  titles: Sequence[str] | None = None, alpha: float = 0.45,
-                 size: float = 2.0) -> plt.Figure:
-    """Rows: the images, then each named set of maps [N, h, w] in [0, 1] stretched over them."""
+                 size: float = 2.0, boxes: Sequence[Sequence[Mapping]] | None = None
+                 ) -> plt.Figure:
+    """Rows: the images, then each named set of maps [N, h, w] in [0, 1] stretched over them;
+    ``boxes`` (per image, pixel units) are drawn on every panel of that image."""
     n = len(images)
     rows = 1 + len(maps)
     fig, axes = plt.subplots(rows, n, figsize=(size * n, size * rows + 0.2), squeeze=False)
@@ -258,6 +262,9 @@ def map_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
                               interpolation="bilinear")
             if k == 0:
                 axes[r, k].set_ylabel(name, fontsize=7)
+        if boxes is not None:
+            for r in range(rows):
+                draw_boxes(axes[r, k], boxes[k], label=r == 0)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

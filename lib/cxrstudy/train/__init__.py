@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distillation import DistillationTrainer, kd_loss
 from .mlcak import MLCAKTrainer, global_labels, mlcak_loss
 from .losses import LOSSES, list_losses, make_loss, masked_bce, register_loss
+from . import imbalance_losses  # noqa: E402,F401  (registers focal, weighted_bce, asl, can_balance)
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
 from .trainer import (HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, launch_from_notebook,
                       resolve_mixed_precision)

@@ -1,0 +1,253 @@
+"""CAN: two networks that attend through each other (Ma, Wang & Hoi, MICCAI 2019, "Multi-label
+Thoracic Disease Image Classification with Cross-Attention Networks").
+
+The paper's exact formulas are not public; this is the clearest reading, every choice a
+parameter. Two timm backbones (same or different architectures) see the same image and give
+feature maps f₁ [B, D₁, h₁, w₁] and f₂ [B, D₂, h₂, w₂] (``forward_features``). Then
+
+    p_i = P_i(f_i)                   1×1 conv to K channels (``channels``; None: identity when
+                                     D₁ = D₂, else both to min(D₁, D₂)); p₂ is resized
+                                     (bilinear) to p₁'s h₁×w₁ when the grids differ
+    a_i = σ(W_i * (p₁ ⊙ p₂) + b_i)   W_i a 1×1 conv: K→1 (``attention="spatial"``, a [B,1,h,w]
+                                     map) or K→K (``"channel"``, one weight per channel and
+                                     position); one conv per branch, or one for both
+                                     (``shared_attention=True``, then a₁ = a₂)
+    g_i = p_i ⊙ a_i  (+ p_i when ``residual=True``: p_i ⊙ (1 + a_i), residual attention, so a
+                     weak map cannot switch a branch's features off)
+    z_i = head_i(Drop(AvgPool(g_i)))  a Linear per branch
+    z   = (z₁ + z₂) / 2              the prediction; ``forward`` returns it in both modes
+
+The Hadamard product is where the networks meet: a position lights up in a branch's attention
+only where both networks respond, which is what each learns from the other.
+``model.last_attention`` holds (a₁, a₂) of the last forward (detached) and
+``model.attention_maps()`` [B, 2, h, w] (channel mode: the channel mean) for drawing.
+
+Training (:class:`CANTrainer`, also a plain :class:`~cxrstudy.train.Trainer` works on z alone):
+
+    L = ℓ(z) + λ_b · ½ (ℓ(z₁) + ℓ(z₂)) + λ_a · L_att
+
+ℓ the trainer's class loss (e.g. ``make_loss("can_balance")``, CAN's multi-label balance loss
+in :mod:`cxrstudy.train.imbalance_losses`); λ_b (``branch_weight``) keeps each network a
+classifier in its own right (the two are "trained together", each with its loss). The attention
+loss (``attention_loss``):
+
+    "agree":    L_att = mean (a₁ − a₂)²   the two networks' attention should point at the same
+                                         regions (needs separate attention convs)
+    "sparsity": L_att = ½ (mean a₁ + mean a₂)   L1 on the maps (a ≥ 0): attend to few places
+
+>>> create_model("can", 14, image_size=224, backbones=("resnet18", "densenet121"))
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train.trainer import TrainConfig, Trainer
+from .glori import headless_backbone
+from .registry import register_model
+
+ATTENTION_MODES = ("spatial", "channel")
+ATTENTION_LOSSES = ("agree", "sparsity")
+
+
+class CANOutput(NamedTuple):
+    """Mean logits [B, C], the two branches' logits and attention maps [B, 1 or K, h, w]."""
+
+    logits: torch.Tensor
+    branch_logits: tuple[torch.Tensor, torch.Tensor]
+    attention: tuple[torch.Tensor, torch.Tensor]
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+class CrossAttentionNetwork(nn.Module):
+    """Two backbones with cross attention from their feature maps' product (module docstring).
+
+    State-dict keys: ``backbones.{0,1}.*``, ``projections.{0,1}.*`` (when projecting),
+    ``attention_convs.{0[,1]}.*``, ``heads.{0,1}.*``.
+    """
+
+    def __init__(self, backbone_1: nn.Module, backbone_2: nn.Module, num_classes: int,
+                 channels: int | None = None, attention: str = "spatial",
+                 shared_attention: bool = False, residual: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.attention_mode = _choice("attention", attention, ATTENTION_MODES)
+        self.shared_attention, self.residual = bool(shared_attention), bool(residual)
+        self.num_classes = int(num_classes)
+        self.backbones = nn.ModuleList([backbone_1, backbone_2])
+        widths = [int(b.num_features) for b in self.backbones]
+        if channels is None:
+            width = widths[0] if widths[0] == widths[1] else min(widths)
+            project = widths[0] != widths[1]
+        else:
+            width, project = int(channels), True
+        self.num_features = width
+        self.projections = nn.ModuleList(
+            [nn.Conv2d(w, width, 1) if project else nn.Identity() for w in widths])
+        out = 1 if self.attention_mode == "spatial" else width
+        self.attention_convs = nn.ModuleList(
+            [nn.Conv2d(width, out, 1) for _ in range(1 if self.shared_attention else 2)])
+        self.drop = nn.Dropout(dropout)
+        self.heads = nn.ModuleList([nn.Linear(width, self.num_classes) for _ in range(2)])
+        self.last_attention: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.output_branches = False
+
+    def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p₁, p₂ on one K-channel grid (the first backbone's)."""
+        maps = []
+        for backbone, projection in zip(self.backbones, self.projections):
+            features = backbone.forward_features(x)
+            if features.ndim != 4:
+                raise TypeError(f"{type(backbone).__name__}.forward_features gave "
+                                f"{tuple(features.shape)}; CAN needs [B, D, h, w] feature maps")
+            maps.append(projection(features))
+        if maps[1].shape[-2:] != maps[0].shape[-2:]:
+            maps[1] = F.interpolate(maps[1], size=maps[0].shape[-2:], mode="bilinear",
+                                    align_corners=False)
+        return maps[0], maps[1]
+
+    def forward_branches(self, x: torch.Tensor) -> CANOutput:
+        maps = self.feature_maps(x)
+        product = maps[0] * maps[1]
+        attention = tuple(torch.sigmoid(self.attention_convs[0 if self.shared_attention else i](
+            product)) for i in range(2))
+        logits = []
+        for head, features, weight in zip(self.heads, maps, attention):
+            attended = features * (1 + weight) if self.residual else features * weight
+            logits.append(head(self.drop(attended.mean(dim=(2, 3)))))
+        self.last_attention = tuple(a.detach().float() for a in attention)
+        return CANOutput((logits[0] + logits[1]) / 2, tuple(logits), attention)
+
+    def forward(self, x: torch.Tensor):
+        """Mean logits [B, C]; the whole :class:`CANOutput` while ``output_branches`` is set
+        (:class:`CANTrainer` sets it around its own training calls)."""
+        out = self.forward_branches(x)
+        return out if self.output_branches else out.logits
+
+    def attention_maps(self) -> torch.Tensor:
+        """[B, 2, h, w]: both branches' maps of the last forward (channel mode: channel mean)."""
+        if self.last_attention is None:
+            raise RuntimeError("no attention yet: run the model on a batch first")
+        return torch.cat([a.mean(dim=1, keepdim=True) for a in self.last_attention], dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        names = set()
+        for i, backbone in enumerate(self.backbones):
+            own = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+            names |= {f"backbones.{i}.{name}" for name in own}
+        return names
+
+
+def attention_loss(attention: Sequence[torch.Tensor], kind: str = "agree") -> torch.Tensor:
+    """L_att of the module docstring, in float32."""
+    _choice("attention_loss", kind, ATTENTION_LOSSES)
+    first, second = (a.float() for a in attention)
+    if kind == "agree":
+        return (first - second).pow(2).mean()
+    return (first.mean() + second.mean()) / 2
+
+
+# ---- registered name --------------------------------------------------------------------------
+def _pair(value: Any, name: str) -> list:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and not isinstance(value, str):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be one value or two, got {value!r}")
+    return [value, value]
+
+
+@register_model("can")
+def build_can(num_classes, in_chans, image_size, pretrained=False, *,
+              backbones: Sequence[str] = ("resnet18", "densenet121"),
+              channels: int | None = None, attention: str = "spatial",
+              shared_attention: bool = False, residual: bool = True, dropout: float = 0.0,
+              backbone_kwargs: dict | Sequence[dict] | None = None) -> CrossAttentionNetwork:
+    """CAN over two timm backbones. ``pretrained`` True loads both backbones' default weights;
+    a weight file must be CAN weights that fit this model exactly (the factory loads those
+    before calling here, so a file that reaches this builder is refused).
+    ``backbone_kwargs``: one dict for both backbones or a pair of dicts."""
+    names = _pair(backbones, "backbones")
+    extras = _pair(backbone_kwargs or {}, "backbone_kwargs")
+    if pretrained is not None and not isinstance(pretrained, bool):
+        raise ValueError(f"{pretrained} does not fit this CAN model exactly (other backbones, "
+                         f"channels or classes?); pass pretrained=True for the backbones' own "
+                         f"weights")
+    built = [headless_backbone(name, num_classes, in_chans, image_size, bool(pretrained),
+                               **dict(extra or {})) for name, extra in zip(names, extras)]
+    return CrossAttentionNetwork(built[0], built[1], num_classes, channels=channels,
+                                 attention=attention, shared_attention=shared_attention,
+                                 residual=residual, dropout=dropout)
+
+
+# ---- training ---------------------------------------------------------------------------------
+class CANTrainer(Trainer):
+    """Trains a :class:`CrossAttentionNetwork` on ``ℓ(z) + λ_b·½Σℓ(z_i) + λ_a·L_att``.
+
+    ``branch_weight`` λ_b, ``attention_weight`` λ_a, ``attention_loss`` "agree"/"sparsity"
+    (module docstring). These settings go into the checkpoints' ``train_config["can"]`` and a
+    resumed run must share them. ``last_terms`` holds the last step's terms (detached).
+    Validation and prediction use ``model(images)``, the mean logits.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
+                 branch_weight: float = 1.0, attention_weight: float = 0.1,
+                 attention_loss: str = "agree", **trainer_kwargs):
+        inner = getattr(model, "module", model)
+        if not isinstance(inner, CrossAttentionNetwork):
+            raise TypeError(f"CANTrainer trains a CrossAttentionNetwork, got "
+                            f"{type(inner).__name__}")
+        _choice("attention_loss", attention_loss, ATTENTION_LOSSES)
+        if float(branch_weight) < 0 or float(attention_weight) < 0:
+            raise ValueError("branch_weight and attention_weight must not be negative")
+        if attention_loss == "agree" and attention_weight > 0 and inner.shared_attention:
+            raise ValueError("attention_loss='agree' compares two attention maps, but the model "
+                             "shares one (shared_attention=True): use 'sparsity' or weight 0")
+        self.branch_weight, self.attention_weight = float(branch_weight), float(attention_weight)
+        self.attention_loss = attention_loss
+        self.last_terms: dict[str, torch.Tensor] = {}
+        super().__init__(model, config, **trainer_kwargs)
+
+    def can_settings(self) -> dict:
+        return {"branch_weight": self.branch_weight, "attention_weight": self.attention_weight,
+                "attention_loss": self.attention_loss}
+
+    def _identity(self) -> dict:
+        identity = super()._identity()
+        identity["train_config"] = dict(identity["train_config"], can=self.can_settings())
+        return identity
+
+    def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
+        payload = super().state_payload(kind, epoch, train_loader)
+        payload["train_config"] = dict(payload["train_config"], can=self.can_settings())
+        return payload
+
+    def training_step(self, batch: dict) -> torch.Tensor:
+        images = batch["image"]
+        if self.augment is not None:
+            images = self.augment(images)
+        model = self.unwrapped_model
+        model.output_branches = True  # through self.model, so DDP and autocast see the call
+        try:
+            out = self.model(images)
+        finally:
+            model.output_branches = False
+        target, mask = batch["target"], batch["mask"]
+        mean_term = self.loss_fn(out.logits, target, mask)
+        branch_term = sum(self.loss_fn(z, target, mask) for z in out.branch_logits) / 2
+        attention_term = attention_loss(out.attention, self.attention_loss)
+        total = mean_term + self.branch_weight * branch_term + \
+            self.attention_weight * attention_term
+        self.last_terms = {"mean": mean_term.detach(), "branches": branch_term.detach(),
+                           "attention": attention_term.detach(), "total": total.detach()}
+        return total
+
+
+__all__ = ["ATTENTION_MODES", "ATTENTION_LOSSES", "CANOutput", "CrossAttentionNetwork",
+           "attention_loss", "build_can", "CANTrainer"]

@@ -1,0 +1,168 @@
+"""The GLoRI study (CheXFound, arXiv 2502.05142) on our datasets: the four arms on one backbone,
+the long tail as prevalence buckets, label efficiency, and per-disease attention maps.
+
+Arms: ``fine_tune`` (the backbone and a linear head trained end to end), then on that backbone
+frozen: ``linear_probe``, ``glori`` (class queries over patch tokens) and ``glori_cls`` (plus the
+CLS/global features). The paper's backbone is a foundation model pretrained on a million CXRs;
+here ``backbone_weights="fine_tune"`` (the default, offline) freezes the backbone the
+``fine_tune`` arm trained on the same training patients, and ``"pretrained"`` uses timm's
+weights from the local cache.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+ARMS = {"fine_tune": {}, "linear_probe": {}, "glori": {"use_cls": False},
+        "glori_cls": {"use_cls": True}}
+BUCKETS = ("head", "medium", "tail")
+
+
+def prevalence_buckets(data) -> pd.DataFrame:
+    """Classes ranked by training prevalence and cut in thirds: head, medium, tail.
+
+    The paper's long tail is 40 CXR-LT findings; our datasets have 14 classes, so the tail is
+    the least prevalent third of them.
+    """
+    labels = np.asarray(data.train.labels, dtype=float)
+    prevalence = np.nanmean(labels, axis=0)
+    order = np.argsort(-prevalence, kind="stable")
+    bucket = np.empty(len(order), dtype=object)
+    for rank, column in enumerate(order):
+        bucket[column] = BUCKETS[min(rank * 3 // len(order), 2)]
+    return pd.DataFrame({"class": list(data.classes), "train prevalence": prevalence,
+                         "positives": np.nansum(labels, axis=0).astype(int), "bucket": bucket})
+
+
+def bucket_table(runs: Mapping[str, object], buckets: pd.DataFrame) -> pd.DataFrame:
+    """Mean test AUC per prevalence bucket and arm (classes without an AUC left out)."""
+    where = buckets.set_index("class")["bucket"]
+    rows = []
+    for tag, run in runs.items():
+        table = run.per_class.assign(bucket=lambda t: t["class"].map(where))
+        for bucket in BUCKETS:
+            aucs = table.loc[table["bucket"] == bucket, "auc"].dropna()
+            rows.append({"arm": tag, "bucket": bucket, "classes": int(len(aucs)),
+                         "mean AUC": float(aucs.mean()) if len(aucs) else np.nan})
+    table = pd.DataFrame(rows).pivot_table(index="arm", columns="bucket", values="mean AUC",
+                                           sort=False, dropna=False)
+    return table.reindex(columns=list(BUCKETS)).reset_index()  # a bucket without AUCs stays
+
+
+def with_training_fraction(data, fraction: float, seed: int = 0):
+    """``data`` with the training split cut to about ``fraction`` of its patients (whole patients,
+    seeded); validation and test are left as they are, so every fraction is tested alike."""
+    from ..experiment import subsample_patients
+
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return data
+    rows = subsample_patients(data.train, max(1, int(round(fraction * len(data.train)))), seed)
+    return replace(data, train=data.train.subset(rows, "train"))
+
+
+def save_backbone(run, out, tag: str) -> Path:
+    """The fine-tuned backbone's weights, as a file ``create_model(pretrained=...)`` reads."""
+    folder = Path(out.root) / "backbones"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag}.pt"
+    model = getattr(run.model, "module", run.model)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def train_arms(data, out, arms: Sequence[str], *, backbone: str = "deit_small",
+               backbone_weights: str = "fine_tune", backbone_kwargs: dict | None = None,
+               decoder_dim: int = 768, suffix: str = "", **train_kwargs) -> dict:
+    """Train ``arms`` (see module docstring) on ``data``; ``fine_tune`` first when the frozen
+    arms read its backbone. Returns arm → :class:`cxrstudy.experiment.RunResult`."""
+    from ..experiment import train_and_evaluate
+
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if backbone_weights not in ("fine_tune", "pretrained"):
+        raise ValueError(f"backbone_weights must be 'fine_tune' or 'pretrained', "
+                         f"got {backbone_weights!r}")
+    extra = dict(backbone_kwargs or {})
+    pretrained = backbone_weights == "pretrained"
+    runs = {}
+    frozen_arms = [a for a in arms if a != "fine_tune"]
+    if "fine_tune" in arms or (frozen_arms and backbone_weights == "fine_tune"):
+        runs["fine_tune"] = train_and_evaluate(backbone, data, out, tag=f"fine_tune{suffix}",
+                                               pretrained=pretrained, model_kwargs=extra,
+                                               **train_kwargs)
+    weights: bool | str = pretrained
+    if frozen_arms and backbone_weights == "fine_tune":
+        weights = str(save_backbone(runs["fine_tune"], out, f"fine_tune{suffix}"))
+    for arm in frozen_arms:
+        name = "linear_probe" if arm == "linear_probe" else "glori"
+        kwargs = dict(extra, backbone=backbone, **ARMS[arm])
+        if name == "glori":
+            kwargs["decoder_dim"] = decoder_dim
+        runs[arm] = train_and_evaluate(name, data, out, tag=f"{arm}{suffix}", pretrained=weights,
+                                       model_kwargs=kwargs, **train_kwargs)
+    return {arm: runs[arm] for arm in arms}
+
+
+def label_efficiency(data, out, fractions: Sequence[float], arms: Sequence[str],
+                     full_runs: Mapping[str, object] | None = None, seed: int = 0,
+                     **arm_kwargs) -> pd.DataFrame:
+    """Macro AUC (95% CI) of ``arms`` trained on each fraction of the training patients.
+
+    At each fraction the frozen arms sit on a backbone fine-tuned on that same fraction (with
+    ``backbone_weights="fine_tune"``), so no arm sees labels beyond its fraction. Runs at 100%
+    are taken from ``full_runs`` when given.
+    """
+    rows = []
+    for fraction in fractions:
+        if fraction == 1.0 and full_runs is not None and all(a in full_runs for a in arms):
+            runs = {a: full_runs[a] for a in arms}
+            subset = data
+        else:
+            subset = with_training_fraction(data, fraction, seed)
+            runs = train_arms(subset, out, arms, suffix=f"_{fraction:g}", seed=seed, **arm_kwargs)
+        for arm, run in runs.items():
+            o = run.overall
+            rows.append({"arm": arm, "fraction": fraction, "train images": len(subset.train),
+                         "train patients": int(subset.train.records["patient_id"].nunique()),
+                         "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
+                         "macro high": o.get("macro_auc_high")})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def disease_maps(model, dataset, rows: Sequence[int]) -> dict:
+    """GLoRI's attention map for one class per image: the class of the image's first box when
+    it has one, else its highest-scoring class. Returns images (uint8), maps [N, h, w] in
+    [0, 1], titles and boxes (that class's boxes only)."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch = torch.stack([dataset[i]["image"] for i in rows])
+    probs = torch.sigmoid(model(batch.to(device))).cpu()
+    maps = model.attention_maps().float().cpu()  # [N, C, h, w]
+    classes = list(dataset.classes)
+    chosen, boxes, titles = [], [], []
+    for k, i in enumerate(rows):
+        own = dataset.meta(i)["boxes"]
+        labelled = [b for b in own if b["label"] in classes]
+        c = classes.index(labelled[0]["label"]) if labelled else int(probs[k].argmax())
+        chosen.append(c)
+        boxes.append([b for b in own if b["label"] == classes[c]])
+        titles.append(f"{classes[c]} (p={probs[k, c]:.2f})")
+    picked = maps[torch.arange(len(rows)), torch.tensor(chosen)]
+    low = picked.flatten(1).min(dim=1).values[:, None, None]
+    high = picked.flatten(1).max(dim=1).values[:, None, None]
+    picked = (picked - low) / (high - low).clamp_min(1e-12)
+    images = [(batch[k, 0].numpy() * 255).astype(np.uint8) for k in range(len(rows))]
+    return {"images": images, "maps": picked.numpy(), "titles": titles, "boxes": boxes}
+
+
+__all__ = ["ARMS", "BUCKETS", "prevalence_buckets", "bucket_table", "with_training_fraction",
+           "save_backbone", "train_arms", "label_efficiency", "disease_maps"]

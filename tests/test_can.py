@@ -1,0 +1,261 @@
+"""CAN: cross attention from two networks' feature maps, the combined training loss, checkpoint
+rebuilds, and the imbalance losses (focal, weighted BCE, CAN balance) against hand computations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cxrstudy.models import create_model
+from cxrstudy.models.can import (CANOutput, CANTrainer, CrossAttentionNetwork, attention_loss)
+from cxrstudy.train import TrainConfig, Trainer, make_loss, seed_everything
+from cxrstudy.train.imbalance_losses import balance_weights, prevalence_pos_weight
+
+CLASSES = ["Atelectasis", "Effusion", "Nodule"]
+TWO_RESNETS = dict(backbones=("test_resnet", "test_resnet"))  # timm's tiny test ResNet
+
+
+def _can(size: int = 64, **kwargs) -> CrossAttentionNetwork:
+    return create_model("can", len(CLASSES), image_size=size, **(kwargs or TWO_RESNETS))
+
+
+def _batches(n: int, size: int, seed: int = 0, batch: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n):
+        mask = torch.ones(batch, len(CLASSES))
+        mask[0, 1] = 0.0
+        out.append({"image": torch.rand(batch, 1, size, size, generator=g),
+                    "target": (torch.rand(batch, len(CLASSES), generator=g) > 0.5).float(),
+                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
+    return out
+
+
+# ---- the model --------------------------------------------------------------------------------
+def test_spatial_attention_shapes_range_and_the_mean_of_two_branches():
+    seed_everything(0)
+    model = _can().eval()
+    assert isinstance(model.projections[0], torch.nn.Identity)  # 96 = 96: nothing to project
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        out = model.forward_branches(x)
+        logits = model(x)
+    assert isinstance(out, CANOutput) and logits.shape == (2, 3)
+    assert all(a.shape == (2, 1, 2, 2) for a in out.attention)
+    assert all(((a >= 0) & (a <= 1)).all() for a in out.attention)
+    assert torch.allclose(logits, (out.branch_logits[0] + out.branch_logits[1]) / 2)
+    assert model.attention_maps().shape == (2, 2, 2, 2)
+    # the formula, by hand: a_i = σ(conv_i(p₁ ⊙ p₂)), g_i = p_i (1 + a_i), z_i = head_i(mean g_i)
+    with torch.no_grad():
+        p1, p2 = (b.forward_features(x) for b in model.backbones)
+        for i, p in enumerate((p1, p2)):
+            a = torch.sigmoid(model.attention_convs[i](p1 * p2))
+            assert torch.allclose(a, out.attention[i], atol=1e-6)
+            z = model.heads[i]((p * (1 + a)).mean(dim=(2, 3)))
+            assert torch.allclose(z, out.branch_logits[i], atol=1e-5)
+
+
+def test_different_architectures_channel_attention_and_no_residual():
+    seed_everything(0)
+    model = _can(backbones=("test_resnet", "mobilenetv3_small_050"), attention="channel",
+                 residual=False, channels=64, backbone_kwargs=[{"output_stride": 16}, {}])
+    x = torch.rand(2, 1, 64, 64)
+    out = model.forward_branches(x)
+    # test_resnet (stride 16): 96×4×4, mobilenetv3_small_050: 288×2×2 → both projected to 64,
+    # the second resized to the first's 4×4 grid
+    assert model.projections[1].in_channels == 288 and model.num_features == 64
+    assert all(a.shape == (2, 64, 4, 4) for a in out.attention)
+    assert all(((a >= 0) & (a <= 1)).all() for a in out.attention)
+    p1, p2 = model.feature_maps(x)
+    assert p2.shape == p1.shape == (2, 64, 4, 4)
+    z0 = model.heads[0]((p1 * out.attention[0]).mean(dim=(2, 3)))
+    assert torch.allclose(z0, out.branch_logits[0], atol=1e-5)
+
+
+def test_shared_attention_gives_one_map_and_refuses_the_agreement_loss():
+    seed_everything(0)
+    model = _can(size=32, shared_attention=True, **TWO_RESNETS)
+    assert len(model.attention_convs) == 1
+    out = model.forward_branches(torch.rand(2, 1, 32, 32))
+    assert torch.equal(out.attention[0], out.attention[1])
+    config = TrainConfig(epochs=1, cpu=True, progress=False)
+    with pytest.raises(ValueError, match="shared_attention"):
+        CANTrainer(model, config, attention_loss="agree", attention_weight=0.1)
+    with pytest.raises(TypeError, match="CrossAttentionNetwork"):
+        CANTrainer(create_model("test_resnet", 3, image_size=32), config)
+
+
+def test_attention_losses_by_hand():
+    a1 = torch.tensor([[[[0.2, 0.8], [0.5, 0.0]]]])
+    a2 = torch.tensor([[[[0.4, 0.4], [0.5, 1.0]]]])
+    agree = (0.2 ** 2 + 0.4 ** 2 + 0.0 + 1.0) / 4
+    assert attention_loss((a1, a2), "agree").item() == pytest.approx(agree)
+    assert attention_loss((a1, a2), "sparsity").item() == pytest.approx((1.5 / 4 + 2.3 / 4) / 2)
+    with pytest.raises(ValueError):
+        attention_loss((a1, a2), "entropy")
+
+
+def test_trainer_step_combines_the_terms_and_reaches_both_networks():
+    seed_everything(0)
+    model = _can(**TWO_RESNETS)
+    trainer = CANTrainer(model, TrainConfig(epochs=1, cpu=True, progress=False),
+                         loss_fn="can_balance", branch_weight=0.5, attention_weight=2.0)
+    model.train()
+    batch = _batches(1, 64)[0]
+    loss = trainer.training_step(batch)
+    terms = trainer.last_terms
+    assert loss.item() == pytest.approx(float(terms["mean"] + 0.5 * terms["branches"]
+                                              + 2.0 * terms["attention"]), rel=1e-5)
+    assert not model.output_branches  # the flag is off again: evaluation sees logits
+    loss.backward()
+    for backbone in model.backbones:
+        first = next(backbone.parameters())
+        assert first.grad is not None and first.grad.abs().sum() > 0
+    assert all(conv.weight.grad.abs().sum() > 0 for conv in model.attention_convs)
+
+
+def test_a_plain_trainer_trains_the_mean_logits():
+    seed_everything(0)
+    model = _can(size=32, **TWO_RESNETS)
+    trainer = Trainer(model, TrainConfig(epochs=1, cpu=True, progress=False), loss_fn="focal")
+    loss = trainer.training_step(_batches(1, 32)[0])
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path):
+    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train import load_checkpoint
+
+    seed_everything(0)
+    model = _can(backbones=("test_resnet", "test_efficientnet"), channels=32,
+                 backbone_kwargs=[{}, {"drop_rate": 0.0}])
+    config = TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0, cpu=True, progress=False,
+                         checkpoint_dir=str(tmp_path / "run"))
+    trainer = CANTrainer(model, config, loss_fn="can_balance", class_names=CLASSES,
+                         attention_loss="sparsity")
+    history = trainer.fit(_batches(1, 64), _batches(1, 64, seed=1))
+    assert history["train_loss"].notna().all()
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["train_config"]["can"] == {"branch_weight": 1.0, "attention_weight": 0.1,
+                                              "attention_loss": "sparsity"}
+    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "last.pt")
+    assert isinstance(rebuilt, CrossAttentionNetwork)
+    assert list(meta["model_config"]["kwargs"]["backbones"]) == ["test_resnet",
+                                                                 "test_efficientnet"]
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-5)
+
+
+# ---- imbalance losses, by hand ------------------------------------------------------------------
+Z = torch.tensor([[2.0, -1.0, 0.5], [-0.3, -3.0, 1.5], [0.7, -2.0, -0.2], [-1.2, 0.3, 0.9]])
+Y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
+M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+# class 0: known rows 0-2 → 2 positives, 1 negative; class 1: all negative; class 2: row 0 masked
+
+
+def _entries():
+    for row in range(Z.shape[0]):
+        for c in range(Z.shape[1]):
+            if M[row, c]:
+                z, y = float(Z[row, c]), float(Y[row, c])
+                p = 1 / (1 + math.exp(-z))
+                yield c, y, p
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_focal_by_hand():
+    def focal(y, p, gamma, alpha):
+        p_t = p if y == 1 else 1 - p
+        a_t = 1.0 if alpha is None else (alpha if y == 1 else 1 - alpha)
+        return -a_t * (1 - p_t) ** gamma * math.log(p_t)
+
+    for gamma, alpha in [(2.0, None), (1.5, 0.25), (0.0, None)]:
+        expected = _mean(focal(y, p, gamma, alpha) for _, y, p in _entries())
+        loss = make_loss("focal", gamma=gamma, alpha=alpha)(Z, Y, M)
+        assert loss.item() == pytest.approx(expected, rel=1e-5)
+    bce = F.binary_cross_entropy_with_logits(Z, Y, reduction="none")
+    assert make_loss("focal", gamma=0.0)(Z, Y, M).item() == pytest.approx(
+        float((bce * M).sum() / M.sum()), rel=1e-6)
+
+
+def test_weighted_bce_by_hand_from_prevalence_and_given_weights():
+    prevalence = [0.5, 0.1, 0.25]
+    weights = prevalence_pos_weight(prevalence)
+    assert torch.allclose(weights, torch.tensor([1.0, 9.0, 3.0]))
+
+    def weighted(c, y, p, w):
+        return -(w[c] * math.log(p) if y == 1 else math.log(1 - p))
+
+    expected = _mean(weighted(c, y, p, [1.0, 9.0, 3.0]) for c, y, p in _entries())
+    assert make_loss("weighted_bce", prevalence=prevalence)(Z, Y, M).item() == pytest.approx(
+        expected, rel=1e-5)
+    capped = _mean(weighted(c, y, p, [1.0, 2.0, 2.0]) for c, y, p in _entries())
+    assert make_loss("weighted_bce", prevalence=prevalence, max_weight=2.0)(Z, Y, M).item() \
+        == pytest.approx(capped, rel=1e-5)
+    assert make_loss("weighted_bce", pos_weight=[1.0, 9.0, 3.0])(Z, Y, M).item() \
+        == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        make_loss("weighted_bce")
+    with pytest.raises(ValueError, match="4 values"):
+        make_loss("weighted_bce", pos_weight=[1.0, 2.0, 3.0, 4.0])(Z, Y, M)
+
+
+def test_can_balance_by_hand_with_an_all_negative_class_and_masked_labels():
+    # known counts: class 0: P=2, N=1 (T=3); class 1: P=0, N=4; class 2: P=2, N=1 (T=3)
+    w_pos = [3 / 4, 1.0, 3 / 4]
+    w_neg = [3 / 2, 1.0, 3 / 2]  # class 1 cannot be balanced: weights stay 1
+    got_pos, got_neg = balance_weights(Y, M)
+    assert torch.allclose(got_pos, torch.tensor(w_pos)) and torch.allclose(got_neg,
+                                                                           torch.tensor(w_neg))
+
+    def balanced(c, y, p, gamma, wp, wn):
+        p_t = p if y == 1 else 1 - p
+        weight = wp[c] if y == 1 else wn[c]
+        return -(1 - p_t) ** gamma * weight * math.log(p_t)
+
+    for gamma in (2.0, 0.0):
+        expected = _mean(balanced(c, y, p, gamma, w_pos, w_neg) for c, y, p in _entries())
+        loss = make_loss("can_balance", gamma=gamma)(Z, Y, M)
+        assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # fixed prevalence: w⁺ = 1/(2π), w⁻ = 1/(2(1 − π))
+    pi = [0.5, 0.2, 0.25]
+    wp, wn = [1 / (2 * q) for q in pi], [1 / (2 * (1 - q)) for q in pi]
+    expected = _mean(balanced(c, y, p, 2.0, wp, wn) for c, y, p in _entries())
+    loss = make_loss("can_balance", weights="prevalence", prevalence=pi)(Z, Y, M)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="prevalence"):
+        make_loss("can_balance", weights="prevalence")
+
+
+def test_losses_ignore_masked_entries_and_survive_an_empty_mask():
+    for name in ("focal", "can_balance", "asl"):
+        loss_fn = make_loss(name)
+        moved = Z.clone()
+        moved[0, 2] = 40.0  # a masked entry
+        assert loss_fn(moved, Y, M).item() == pytest.approx(loss_fn(Z, Y, M).item(), rel=1e-6)
+        z = Z.clone().requires_grad_()
+        empty = loss_fn(z, Y, torch.zeros_like(M))
+        empty.backward()
+        assert empty.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_weight_files_load_only_when_they_fit(tmp_path):
+    seed_everything(0)
+    model = _can(size=32, **TWO_RESNETS).eval()
+    path = tmp_path / "can.pt"
+    torch.save(model.state_dict(), path)
+    again = create_model("can", len(CLASSES), image_size=32, pretrained=str(path),
+                         **TWO_RESNETS).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        create_model("can", len(CLASSES), image_size=32, pretrained=str(path), channels=16,
+                     **TWO_RESNETS)

@@ -1,0 +1,89 @@
+"""GLoRI and CAN study glue: prevalence buckets, training fractions, losses per arm, maps."""
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrstudy.experiment import prepare_data
+from cxrstudy.models import create_model
+from cxrstudy.studies import cross_attention as can_study
+from cxrstudy.studies import glori as study
+
+
+def _data(labels, classes):
+    train = SimpleNamespace(labels=np.asarray(labels, dtype=float))
+    return SimpleNamespace(train=train, classes=classes)
+
+
+def test_prevalence_buckets_cut_the_ranked_classes_in_thirds():
+    # prevalences 0.75, 0.5, 0.25, 0 (with an unknown label in class b: 2 of 4 known... see below)
+    labels = [[1, 1, 0, 0, 1, 0], [1, 0, 1, 0, 1, 0], [1, np.nan, 0, 0, 0, 0], [0, 1, 0, 0, 1, 1]]
+    table = study.prevalence_buckets(_data(labels, list("abcdef")))
+    assert table["train prevalence"].tolist() == pytest.approx([0.75, 2 / 3, 0.25, 0, 0.75, 0.25])
+    # ranked a, e (0.75), b, c, f (0.25), d: thirds of six classes are two each, ties kept in order
+    assert dict(zip(table["class"], table["bucket"])) == {
+        "a": "head", "e": "head", "b": "medium", "c": "medium", "f": "tail", "d": "tail"}
+    assert table["positives"].tolist() == [3, 2, 1, 0, 3, 1]
+
+
+def test_bucket_table_averages_known_aucs():
+    buckets = pd.DataFrame({"class": list("abc"), "bucket": ["head", "medium", "tail"]})
+    run = SimpleNamespace(per_class=pd.DataFrame({"class": list("abc"), "auc": [0.8, np.nan, 0.6]}))
+    table = study.bucket_table({"glori": run}, buckets).set_index("arm")
+    assert table.loc["glori", "head"] == 0.8 and table.loc["glori", "tail"] == 0.6
+    assert np.isnan(table.loc["glori", "medium"])
+
+
+def test_training_fraction_keeps_whole_patients_and_leaves_val_and_test():
+    data = prepare_data("synthetic", None, 16, seed=0, progress=False, n_images=200, n_patients=50)
+    quarter = study.with_training_fraction(data, 0.25, seed=0)
+    assert quarter.val is data.val and quarter.test is data.test
+    patients = set(quarter.train.records["patient_id"])
+    full = data.train.records
+    assert set(full[full["patient_id"].isin(patients)]["image_id"]) == \
+        set(quarter.train.records["image_id"])  # every image of a chosen patient
+    assert 0.15 * len(data.train) <= len(quarter.train) <= 0.4 * len(data.train)
+    assert study.with_training_fraction(data, 1.0) is data
+    with pytest.raises(ValueError, match="fraction"):
+        study.with_training_fraction(data, 0.0)
+
+
+def test_arms_are_checked_before_any_training():
+    with pytest.raises(ValueError, match="unknown arms"):
+        study.train_arms(None, None, ["probe"])
+    with pytest.raises(ValueError, match="backbone_weights"):
+        study.train_arms(None, None, ["glori"], backbone_weights="imagenet")
+
+
+def test_disease_maps_pick_the_boxed_class():
+    classes = ["Nodule", "Mass", "Effusion"]
+    images = [torch.rand(1, 32, 32) for _ in range(2)]
+    boxes = [[{"label": "Mass", "x": 1, "y": 2, "w": 5, "h": 5}], []]
+
+    class Tiny(list):
+        pass
+    dataset = Tiny({"image": im} for im in images)
+    dataset.classes = classes
+    dataset.meta = lambda i: {"boxes": boxes[i]}
+    model = create_model("glori", 3, image_size=32, backbone="deit_tiny", patch_size=8,
+                         decoder_dim=32, decoder_heads=4)
+    out = study.disease_maps(model, dataset, [0, 1])
+    assert out["maps"].shape == (2, 4, 4)
+    assert out["titles"][0].startswith("Mass") and out["boxes"][0] == boxes[0]
+    assert out["boxes"][1] == []
+    assert np.allclose(out["maps"].reshape(2, -1).max(axis=1), 1.0)
+
+
+def test_can_arms_take_their_losses_and_weights_from_the_training_prevalence():
+    data = _data([[1, 0], [0, 0], [0, 0], [0, 1]], ["A", "B"])
+    weighted = can_study.arm_loss("can_weighted_bce", data, max_weight=2.0)
+    logits = torch.zeros(1, 2)
+    target = torch.tensor([[1.0, 0.0]])
+    # prevalence 0.25 → pos weight (1 − 0.25)/0.25 = 3, capped at 2: loss = (2·log 2 + log 2)/2
+    assert weighted(logits, target, torch.ones(1, 2)).item() == pytest.approx(1.5 * np.log(2))
+    assert can_study.arm_loss("can_bce", data)(logits, target, torch.ones(1, 2)).item() == \
+        pytest.approx(np.log(2))
+    with pytest.raises(ValueError, match="can_balance"):
+        can_study.arm_loss("can_dice", data)
