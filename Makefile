@@ -9,15 +9,19 @@ NOTEBOOKS ?= all
 DATASET   ?= chestmnist
 ARGS      ?=
 STAMP     := $(VENV)/.cxrstudy-installed
+# `make lab` listens on loopback only unless you say otherwise.
+LAB_IP    ?= 127.0.0.1
+LAB_PORT  ?= 8888
 # Where `make reproduce`, `make data` and `make lab` look for datasets unless you set it.
 DATA_ROOT_DEFAULT := $(HOME)/.cache/cxrstudy/data
 
-.PHONY: venv reproduce test lab data clean-results help
+.PHONY: venv reproduce report test lab data clean-results help
 
 help:
 	@echo "make reproduce [PROFILE=tiny|sample|default|paper] [NOTEBOOKS=all|01_baseline ...] [ARGS='-p epochs=2 --force']"
+	@echo "make report    regenerate the tables and results/<PROFILE>/index.html (no training)"
 	@echo "make test      unit, data and tiny notebook tests (set CXRSTUDY_DATA_ROOT for the real-data ones)"
-	@echo "make lab       JupyterLab on notebooks/ with the study's kernel"
+	@echo "make lab       JupyterLab on notebooks/ with the study's kernel [LAB_IP=127.0.0.1] [LAB_PORT=8888]"
 	@echo "make data DATASET=chestmnist|nih|chexpert|vindr"
 
 # The venv is (re)built when missing or when pyproject.toml changes.
@@ -32,11 +36,15 @@ venv: $(STAMP)
 reproduce: $(STAMP)
 	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(ARGS)
 
+# Tables and results/<PROFILE>/index.html again from existing results, without training.
+report: $(STAMP)
+	$(VENV)/bin/cxrstudy report --profile $(PROFILE) $(ARGS)
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
 lab: $(STAMP)
-	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/jupyter lab --notebook-dir=notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) $(ARGS)
 
 data: $(STAMP)
 	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy data download $(DATASET) $(ARGS)

@@ -50,3 +50,18 @@ def _restore_determinism():
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own preprocessing cache folder; nothing leaks into ~/.cache."""
     monkeypatch.setenv("CXRSTUDY_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_results(nih_sample_root, tmp_path_factory):
+    """One tiny-profile run of every notebook (kernel start costs ~10 s each), shared by the
+    notebook tests of every file: (``<results>/tiny``, the runner's log lines)."""
+    from cxrstudy.runner import run_notebooks
+
+    results_dir = tmp_path_factory.mktemp("results")
+    logs = []
+    outcome = run_notebooks(["all"], "tiny",
+                            results_dir=results_dir, progress=False, log=logs.append)
+    statuses = {r.name: (r.status, r.error) for r in outcome}
+    assert all(s == "ok" for s, _ in statuses.values()), statuses
+    return results_dir / "tiny", logs

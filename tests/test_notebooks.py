@@ -1,26 +1,14 @@
 """Tiny papermill runs of the study notebooks on the real NIH sample, asserting on what they wrote.
 
-One run of all notebooks per test session (kernel start costs ~10 s each); the tests below read
-its outputs.
+One run of all notebooks per test session (the ``tiny_results`` fixture in ``conftest.py``; kernel
+start costs ~10 s each); the tests below read its outputs.
 """
 import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cxrstudy.runner import run_notebooks
-
-
-@pytest.fixture(scope="session")
-def tiny_results(nih_sample_root, tmp_path_factory):
-    results_dir = tmp_path_factory.mktemp("results")
-    logs = []
-    outcome = run_notebooks(["all"], "tiny",
-                            results_dir=results_dir, progress=False, log=logs.append)
-    statuses = {r.name: (r.status, r.error) for r in outcome}
-    assert all(s == "ok" for s, _ in statuses.values()), statuses
-    return results_dir / "tiny", logs
 
 
 def test_exploration_counts_the_sample(tiny_results):

@@ -1,4 +1,5 @@
-"""``cxrstudy`` command line: run notebooks, check and download data, evaluate checkpoints."""
+"""``cxrstudy`` command line: run notebooks, build the report, check and download data,
+evaluate checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, DataUnavailableError) as exc:
         print(f"cxrstudy run: {exc}", file=sys.stderr)
         return 2
+    _print_index(args.results, args.profile)
     bad = [r for r in results if r.status in ("failed", "blocked")]
     if bad:
         print("failed: " + ", ".join(f"{r.name} ({r.status})" for r in bad), file=sys.stderr)
@@ -24,6 +26,56 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if r.status == "failed":
                 print(f"  partial output of {r.name}: {r.output_dir}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _index_path(results: str | None, profile: str):
+    from pathlib import Path
+
+    from .paths import repo_root
+
+    index = Path(results or repo_root() / "results") / profile / "index.html"
+    try:
+        return index.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return index.resolve()
+
+
+def _print_index(results: str | None, profile: str) -> None:
+    """Where the study's page is, once notebook 08 (or `cxrstudy report`) has written it."""
+    index = _index_path(results, profile)
+    if index.is_file():
+        runs = [p.stat().st_mtime for p in index.parent.glob("[0-9][0-9]_*/provenance.json")
+                if p.parent.name != "08_report"]
+        stale = bool(runs) and max(runs) > index.stat().st_mtime
+        print(f"report: {index}" + (f" (older than the latest run: `cxrstudy report --profile "
+                                     f"{profile}` regenerates it)" if stale else ""))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import ConfigError, resolve_parameters
+    from .paths import repo_root
+    from .report.build import ReportError, build_report
+    from .report.reference import ReferenceError
+
+    try:
+        params = resolve_parameters(args.profile, args.param).get("08_report", {})
+        profile_dir = Path(args.results or repo_root() / "results") / args.profile
+        report = build_report(profile_dir, args.profile, note=params.get("profile_note", ""),
+                              digits=params.get("digits", 3),
+                              require_all=params.get("require_all", False),
+                              generated_by="cxrstudy report")
+    except (ConfigError, ReportError, ReferenceError, FileNotFoundError) as exc:
+        print(f"cxrstudy report: {exc}", file=sys.stderr)
+        return 2
+    for name in report.missing:
+        print(f"  missing: {name} (no results under {profile_dir})")
+    for name in report.failed:
+        print(f"  {report.results[name].status}: {name}")
+    print(f"tables: {len(report.tables)} in {profile_dir / '08_report' / 'tables'}")
+    print(f"report: {_index_path(args.results, args.profile)}")
     return 0
 
 
@@ -70,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", default=None, help="results folder (default: ./results)")
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="regenerate the tables and results/<profile>/index.html "
+                            "from existing results (no training)")
+    report.add_argument("--profile", default="default", help="params/<profile>.yaml (default: default)")
+    report.add_argument("--results", default=None, help="results folder (default: ./results)")
+    report.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter of 08_report (e.g. digits=2); repeatable")
+    report.set_defaults(func=_cmd_report)
 
     params = sub.add_parser("params", help="print the resolved parameters of a profile")
     params.add_argument("--profile", default="default")

@@ -34,6 +34,9 @@ class NotebookSpec:
     path: Path
     defaults: dict[str, Any]
     depends_on: list[str] = field(default_factory=list)
+    # metadata.cxrstudy.runs_after_failed_upstream: the notebook reports on its upstream (08),
+    # so it still runs, and says what is missing, when one of them failed
+    runs_after_failed_upstream: bool = False
 
 
 def parameters_cell(notebook: dict) -> dict | None:
@@ -73,7 +76,8 @@ def discover_notebooks(folder: Path | None = None) -> dict[str, NotebookSpec]:
     for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
         meta = json.loads(path.read_text()).get("metadata", {}).get("cxrstudy", {})
         specs[path.stem] = NotebookSpec(path.stem, path, read_parameter_defaults(path),
-                                        list(meta.get("depends_on", [])))
+                                        list(meta.get("depends_on", [])),
+                                        bool(meta.get("runs_after_failed_upstream", False)))
     return specs
 
 

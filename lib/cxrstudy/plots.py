@@ -270,3 +270,54 @@ def map_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
         ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def maps_with_predicted_boxes(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
+                              titles: Sequence[str] | None = None,
+                              boxes: Sequence[Sequence[Mapping]] | None = None,
+                              predicted: Mapping[str, np.ndarray] | None = None,
+                              size: float = 2.0) -> plt.Figure:
+    """:func:`map_overlays` (rows: images, then each set of maps) with, on the image row, each
+    named set of predicted boxes ``predicted[name][k] = (x1, y1, x2, y2)`` in [0, 1] (dashed,
+    one colour per name; NaN rows are skipped), e.g. MXA's ROI boxes beside the CAMs."""
+    fig = map_overlays(images, maps, titles, size=size, boxes=boxes)
+    predicted = dict(predicted or {})
+    colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, max(len(predicted), 1)))
+    for k, ax in enumerate(fig.axes[:len(images)]):
+        height, width = images[k].shape[:2]
+        for colour, (name, found) in zip(colours, predicted.items()):
+            x1, y1, x2, y2 = (float(v) for v in found[k])
+            if not np.isfinite([x1, y1, x2, y2]).all():
+                continue
+            ax.add_patch(Rectangle((x1 * width - 0.5, y1 * height - 0.5), (x2 - x1) * width,
+                                   (y2 - y1) * height, fill=False, edgecolor=colour,
+                                   linestyle="--", linewidth=1.2, label=name if k == 0 else None))
+    if predicted:
+        fig.legend(loc="lower center", ncol=min(len(predicted), 3), fontsize=6, frameon=False)
+        fig.subplots_adjust(bottom=0.12)
+    return fig
+
+
+def localization_heatmap(table: pd.DataFrame, value: str = "hit rate", row: str = "model",
+                         column: str = "method", count: str = "boxes",
+                         title: str = "") -> plt.Figure:
+    """``value`` per ``row`` × ``column`` (e.g. pointing-game hit rate per model and method),
+    each cell annotated with the value and the number of boxes it rests on."""
+    pivot = table.pivot_table(index=row, columns=column, values=value, aggfunc="mean", sort=False)
+    counts = table.pivot_table(index=row, columns=column, values=count, aggfunc="sum", sort=False)
+    fig, ax = plt.subplots(figsize=(1.3 * max(len(pivot.columns), 1) + 3,
+                                    0.32 * max(len(pivot), 1) + 1.4))
+    image = ax.imshow(pivot.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(pivot)):
+        for j in range(len(pivot.columns)):
+            v = pivot.iat[i, j]
+            n = counts.reindex(index=pivot.index, columns=pivot.columns).iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f} (n={int(n)})", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.6 else "black")
+    ax.set_xticks(np.arange(len(pivot.columns)), pivot.columns, fontsize=7, rotation=30, ha="right")
+    ax.set_yticks(np.arange(len(pivot)), pivot.index, fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=value)
+    ax.set_title(title or f"{value} per {row} and {column} (n = boxes)", fontsize=9)
+    fig.tight_layout()
+    return fig

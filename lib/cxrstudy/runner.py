@@ -136,13 +136,14 @@ def run_notebooks(
         spec = notebooks[name]
         output_dir = (results_dir / profile / name).resolve()
         params = dict(all_params[name], output_dir=str(output_dir))
-        upstream = [fingerprints.get(d) or previous_fingerprint(results_dir / profile / d) or "missing"
-                    for d in spec.depends_on]
+        # a failed upstream counts as different from its later success (a report on it reruns)
+        upstream = [(fingerprints.get(d) or previous_fingerprint(results_dir / profile / d) or "missing")
+                    + (":failed" if d in failed else "") for d in spec.depends_on]
         fp = fingerprint(params, spec.path, upstream)
         fingerprints[name] = fp
         prefix = f"[{position}/{len(chosen)}] {name}"
         blocked = [d for d in spec.depends_on if d in failed]
-        if blocked:
+        if blocked and not spec.runs_after_failed_upstream:
             log(f"{prefix}: not run, it depends on failed {', '.join(blocked)}")
             failed.add(name)
             results.append(NotebookResult(name, "blocked", 0.0, output_dir, f"depends on {blocked}"))

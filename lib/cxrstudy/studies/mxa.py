@@ -13,12 +13,18 @@ import torch
 
 from ..models import count_parameters, create_model
 from ..models.mxa import mxa_blocks
+from ..report import reference
 
-PAPER = "Rand & Ibrahim 2025 (arXiv 2504.02277), CheXpert"
-#: Reported parameter counts, in millions (14 classes, 224 px).
-PAPER_PARAMETERS_M = {"efficientvit_m5": {"without MXA": 12.09, "with MXA": 16.16}}
-#: Reported test micro-AUC of the arms the paper gives (EfficientViT-M5 backbone).
-PAPER_MICRO_AUC = {"baseline": 0.66, "mxa_kd": 0.85}
+# The paper's numbers live in params/paper_reference.yaml, each with its source; read once here.
+_PAPER = reference.paper("mxa")
+PAPER = f"{_PAPER['short']}, {_PAPER['setting']['dataset']}"
+#: Reported parameter counts, in millions (14 classes, 224 px): variant → without/with MXA.
+PAPER_PARAMETERS_M: dict[str, dict[str, float]] = {}
+for _key, _value in reference.values_by_prefix("mxa", "params_m").items():  # <variant>.<with_mxa|without_mxa>
+    _variant, _which = _key.split(".", 1)
+    PAPER_PARAMETERS_M.setdefault(_variant, {})[_which.replace("_mxa", " MXA")] = _value
+#: Reported micro-AUC of the arms the paper gives (EfficientViT-M5 backbone).
+PAPER_MICRO_AUC = reference.values_by_prefix("mxa", "micro_auc")
 
 
 @dataclass(frozen=True)

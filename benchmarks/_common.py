@@ -1,0 +1,74 @@
+"""What every benchmark script shares: where results go and what is recorded about the machine.
+
+Results of an earlier run are moved to ``<out>/_previous/<timestamp>/`` before a new run writes
+its files, so a benchmark never overwrites a measurement somebody may still want to compare.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def move_previous(out: Path, names: Sequence[str]) -> Path | None:
+    """Move an earlier run's ``names`` in ``out`` to ``out/_previous/<timestamp>/``; that folder."""
+    existing = [out / name for name in names if (out / name).exists()]
+    if not existing:
+        return None
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    target = out / "_previous" / stamp
+    suffix = 1
+    while target.exists():
+        target = out / "_previous" / f"{stamp}-{suffix}"
+        suffix += 1
+    target.mkdir(parents=True)
+    for path in existing:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_metadata(script: str, argv: list[str], seconds: float) -> dict[str, Any]:
+    """Date, CPU, torch/package versions, git state and the command line of a benchmark run."""
+    import torch
+
+    from cxrstudy.provenance import git_state, package_versions
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_name": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git": git_state(),
+        "command": [script, *argv],
+        "wall_seconds": seconds,
+    }
+
+
+def write_result_files(out: Path, files: dict[str, str]) -> Path | None:
+    """Write ``{name: text}`` under ``out`` after moving an earlier run's files aside."""
+    out.mkdir(parents=True, exist_ok=True)
+    moved = move_previous(out, list(files))
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return moved

@@ -1,0 +1,319 @@
+"""The study's tables, one per paper: our numbers (as the notebooks wrote them to
+``metrics.json``, with their 95% CIs; nothing is recomputed) beside the paper's reported ones.
+
+A caption says where each paper number comes from, which are not available and why, and — when
+our dataset, resolution or model is not the paper's — what differs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from .collect import NotebookResults
+from .reference import source_label
+
+OURS = ("macro AUC", "macro low", "macro high", "micro AUC", "micro low", "micro high")
+
+
+@dataclass
+class ReportTable:
+    """A table of the report: ``frame`` holds full-precision numbers (the CSV); ``intervals``
+    maps a value column to its (low, high) columns, which the display forms join into one cell."""
+
+    name: str
+    title: str
+    caption: str
+    frame: pd.DataFrame
+    intervals: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def display(self, digits: int = 3) -> pd.DataFrame:
+        """Rounded, with ``value (low–high)`` cells and ``n/a`` where a paper gives no number."""
+        shown = pd.DataFrame(index=self.frame.index)
+        hidden = {c for pair in self.intervals.values() for c in pair}
+        for col in self.frame.columns:
+            if col in hidden:
+                continue
+            values = self.frame[col]
+            if col in self.intervals:
+                low, high = self.intervals[col]
+                shown[f"{col} (95% CI)"] = [
+                    _with_ci(v, lo, hi, digits)
+                    for v, lo, hi in zip(values, self.frame[low], self.frame[high])]
+            elif pd.api.types.is_float_dtype(values) or col.startswith("paper "):
+                na = "n/a" if col.startswith("paper ") else ""
+                shown[col] = [_fmt(v, digits, na) for v in values]
+            else:
+                shown[col] = ["" if _missing(v) else str(v) for v in values]
+        return shown.reset_index(drop=True)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value: Any, digits: int, na: str = "") -> str:
+    if _missing(value):
+        return na
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _with_ci(value, low, high, digits: int) -> str:
+    if _missing(value):
+        return ""
+    text = f"{value:.{digits}f}"
+    return text if _missing(low) or _missing(high) else f"{text} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def our_setting(nb: NotebookResults) -> dict[str, Any]:
+    """Dataset, resolution and model of a notebook's run, from what it recorded."""
+    if nb.setting("resolutions") is not None:  # a resolution study: students and a teacher
+        sizes = ", ".join(str(s) for s in nb.setting("resolutions"))
+        size = f"{sizes} px (teacher {nb.setting('teacher_image_size')} px)"
+        sizes_px = [*nb.setting("resolutions"), nb.setting("teacher_image_size")]
+    else:
+        size = f"{nb.setting('image_size')} px" if nb.setting("image_size") is not None else "?"
+        sizes_px = [nb.setting("image_size")]
+    model = nb.setting("backbone") or nb.setting("backbones") or nb.setting("vit") or nb.setting("models")
+    if isinstance(model, (list, tuple)):
+        model = " + ".join(str(m) for m in model)
+    return {"dataset": nb.setting("dataset"), "size": size, "sizes_px": sizes_px, "model": model,
+            "synthetic": bool(nb.metrics.get("synthetic_data"))}
+
+
+def caveat(paper: dict, notebooks: list[NotebookResults]) -> str | None:
+    """``ours: …; paper: …`` when our dataset, resolution or model differs from the paper's."""
+    setting = paper["setting"]
+    ran = [nb for nb in notebooks if nb.status != "missing" and nb.metrics]
+    if not ran:
+        return None
+    ours = [our_setting(nb) for nb in ran]
+    differs = any(
+        o["dataset"] != setting.get("dataset_id")
+        or setting.get("image_size") is None or any(s != setting["image_size"] for s in o["sizes_px"])
+        or (setting.get("model_id") is None or o["model"] != setting["model_id"])
+        for o in ours)
+    if not differs:
+        return None
+    ours_text = "; ".join(f"{nb.name}: {o['dataset']}, {o['size']}, {o['model']}"
+                          for nb, o in zip(ran, ours))
+    size = f"{setting['image_size']} px" if setting.get("image_size") else "resolution not in our sources"
+    return (f"Not the paper's setting — ours: {ours_text}. Paper: {setting['dataset']}, {size}, "
+            f"{setting['model']}.")
+
+
+def _status_note(nb: NotebookResults) -> str:
+    if nb.status == "missing":
+        return "missing: no results in this folder"
+    if nb.status == "incomplete":
+        return "incomplete: no metrics or provenance yet (still running, or interrupted)"
+    if nb.status != "ok":
+        return f"{nb.status}: see its provenance.json"
+    return "" if nb.metrics.get("models") else "no model metrics recorded"
+
+
+def _auc_numbers(paper: dict) -> list[dict]:
+    """The paper's AUC-type numbers (value or not available), i.e. the ones that go beside ours."""
+    return [n for n in paper["numbers"]
+            if ("AUC" in n["metric"] or "AUROC" in n["metric"]) and "per-class" not in n["metric"]]
+
+
+def _footnotes(paper: dict, numbers: list[dict]) -> list[str]:
+    notes = []
+    for n in numbers:
+        if "value" in n:
+            notes.append(f"{n['metric']} {n['value']} ({n['setting']}): {paper['short']}, "
+                         f"{source_label(n)}")
+        else:
+            notes.append(f"{n['metric']}: not available — {n['not_available']}")
+    return notes
+
+
+def caption_for(paper: dict, notebooks: list[NotebookResults], what: str,
+                numbers: list[dict], note: str = "") -> str:
+    parts = [f"{what}. Paper: {paper['citation']}."]
+    parts += _footnotes(paper, numbers)
+    missing = [f"{nb.name} ({_status_note(nb)})" for nb in notebooks if _status_note(nb)]
+    if missing:
+        parts.append("Not in this table: " + ", ".join(missing) + ".")
+    warn = caveat(paper, notebooks)
+    if warn:
+        parts.append(warn)
+    if any(our_setting(nb)["synthetic"] for nb in notebooks if nb.metrics):
+        parts.append("SYNTHETIC DATA (procedural phantom, not radiographs).")
+    if note:
+        parts.append(note)
+    return " ".join(p if p.endswith(".") else p + "." for p in parts)
+
+
+def _our_row(nb: NotebookResults, tag: str, model: dict) -> dict[str, Any]:
+    o = model.get("overall") or {}
+    return {"notebook": nb.name, "arm": tag,
+            "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
+            "macro high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
+            "micro low": o.get("micro_auc_low"), "micro high": o.get("micro_auc_high"),
+            "params (M)": model["params"] / 1e6 if model.get("params") is not None else None,
+            "note": ""}
+
+
+def paper_table(pid: str, paper: dict, results: dict[str, NotebookResults], note: str = "") -> ReportTable:
+    """Every arm of the paper's notebooks (macro and micro AUC with CIs) beside the paper's AUCs."""
+    numbers = _auc_numbers(paper)
+    notebooks = [results.get(n) or NotebookResults(n, None, "missing") for n in paper["notebooks"]]
+    rows = []
+    for nb in notebooks:
+        models = nb.metrics.get("models") or {}
+        for tag, model in models.items():
+            rows.append(_our_row(nb, tag, model))
+        if not models:  # missing or failed: keep the paper's numbers for its arms visible
+            arms = [a.split("/", 1)[1] for n in numbers for a in n.get("arms", [])
+                    if a.startswith(nb.name + "/")] or ["—"]
+            rows += [dict({c: None for c in OURS}, notebook=nb.name, arm=a, **{"params (M)": None},
+                          note=_status_note(nb)) for a in dict.fromkeys(arms)]
+    frame = pd.DataFrame(rows, columns=["notebook", "arm", *OURS, "params (M)", "note"])
+    for n in numbers:  # several numbers may share a column (one metric, different arms)
+        column = f"paper {n['metric']}"
+        if column not in frame:
+            frame[column] = math.nan
+        if "value" in n:
+            rows_of_arms = [f"{nb}/{arm}" in n.get("arms", []) for nb, arm in zip(frame["notebook"], frame["arm"])]
+            frame.loc[rows_of_arms, column] = n["value"]
+    if frame["note"].eq("").all():
+        frame = frame.drop(columns="note")
+    title = f"{paper.get('name', pid.upper())}: {paper['title']}"
+    caption = caption_for(paper, notebooks, f"Ours against {paper['short']}: test macro and micro "
+                          "AUC with patient-bootstrap 95% CIs as the notebooks wrote them", numbers, note)
+    return ReportTable(pid, title, caption, frame,
+                       {"macro AUC": ("macro low", "macro high"), "micro AUC": ("micro low", "micro high")})
+
+
+def _per_class_ci(nb: NotebookResults, tag: str) -> dict[str, tuple[float, float]]:
+    """Per-class CIs from the notebook's ``tables/per_class_auc.csv`` (``<tag> 95% CI`` cells)."""
+    table = next((t for t in nb.tables if t.name == "per_class_auc"), None)
+    if table is None:
+        return {}
+    frame = pd.read_csv(table.csv)
+    column = f"{tag} 95% CI"
+    if column not in frame or "class" not in frame:
+        return {}
+    out = {}
+    for cls, cell in zip(frame["class"], frame[column]):
+        if isinstance(cell, str) and "–" in cell:
+            low, high = cell.split("–")
+            out[str(cls)] = (float(low), float(high))
+    return out
+
+
+def per_class_table(pid: str, paper: dict, results: dict[str, NotebookResults],
+                    note: str = "") -> ReportTable | None:
+    """Classes as rows, every arm's AUC with its CI, and the paper's per-class column."""
+    numbers = [n for n in paper["numbers"] if "per-class" in n["metric"]]
+    if not numbers:
+        return None
+    notebooks = [results.get(n) or NotebookResults(n, None, "missing") for n in paper["notebooks"]]
+    frame = None
+    intervals = {}
+    for nb in notebooks:
+        for tag, model in (nb.metrics.get("models") or {}).items():
+            aucs = model.get("per_class_auc") or {}
+            cis = _per_class_ci(nb, tag)
+            column = pd.DataFrame({"class": list(aucs), f"{tag} AUC": [
+                math.nan if v is None else v for v in aucs.values()]})
+            column[f"{tag} low"] = [cis.get(c, (math.nan, math.nan))[0] for c in aucs]
+            column[f"{tag} high"] = [cis.get(c, (math.nan, math.nan))[1] for c in aucs]
+            intervals[f"{tag} AUC"] = (f"{tag} low", f"{tag} high")
+            frame = column if frame is None else frame.merge(column, on="class", how="outer", sort=False)
+    if frame is None:
+        frame = pd.DataFrame({"class": []})
+    for n in numbers:
+        values = n.get("value") if isinstance(n.get("value"), dict) else {}
+        frame[f"paper {n['metric']}"] = [values.get(c, math.nan) for c in frame["class"]]
+    caption = caption_for(paper, notebooks, f"Per-class test AUC with 95% CIs against "
+                          f"{paper['short']}", numbers, note)
+    return ReportTable(f"{pid}_per_class", f"{paper.get('name', pid.upper())}: per-class AUC", caption, frame, intervals)
+
+
+def parameter_table(pid: str, paper: dict, results: dict[str, NotebookResults],
+                    note: str = "") -> ReportTable | None:
+    """Parameter counts a notebook recorded (``metrics['parameters']``) beside the paper's."""
+    numbers = [n for n in paper["numbers"] if n["metric"].startswith("parameters")]
+    if not numbers:
+        return None
+    reported: dict[str, dict[str, float]] = {}
+    for n in numbers:
+        if "value" in n and n["key"].count(".") == 2:  # params_m.<variant>.<with_mxa|without_mxa>
+            _, variant, which = n["key"].split(".")
+            reported.setdefault(variant, {})[which] = n["value"]
+    notebooks = [results.get(n) or NotebookResults(n, None, "missing") for n in paper["notebooks"]]
+    rows = {}
+    for nb in notebooks:
+        for row in nb.metrics.get("parameters") or []:
+            rows[row["model"]] = {"model": row["model"], "ours without (M)": row.get("without MXA (M)"),
+                                  "ours with (M)": row.get("with MXA (M)")}
+    for variant in reported:
+        rows.setdefault(variant, {"model": variant, "ours without (M)": math.nan,
+                                  "ours with (M)": math.nan})
+    frame = pd.DataFrame(list(rows.values()), columns=["model", "ours without (M)", "ours with (M)"])
+    frame["paper without (M)"] = [reported.get(m, {}).get("without_mxa", math.nan) for m in frame["model"]]
+    frame["paper with (M)"] = [reported.get(m, {}).get("with_mxa", math.nan) for m in frame["model"]]
+    counted = [nb for nb in notebooks if nb.metrics.get("parameters")]
+    caption = caption_for(paper, counted or notebooks, "Parameter counts (millions) without and "
+                          "with the block, ours beside the paper's", numbers, note)
+    return ReportTable(f"{pid}_parameters", f"{paper.get('name', pid.upper())}: parameter counts", caption, frame)
+
+
+def baseline_table(results: dict[str, NotebookResults], notebook: str = "01_baseline",
+                   note: str = "") -> ReportTable | None:
+    """The baselines every paper table can be read against (no paper column: not a paper's)."""
+    nb = results.get(notebook)
+    if nb is None:
+        return None
+    rows = [_our_row(nb, tag, m) for tag, m in (nb.metrics.get("models") or {}).items()]
+    frame = pd.DataFrame(rows, columns=["notebook", "arm", *OURS, "params (M)", "note"]).drop(columns="note")
+    o = our_setting(nb) if nb.metrics else None
+    parts = ["Baselines: test macro and micro AUC with patient-bootstrap 95% CIs"]
+    if o:
+        parts.append(f"{o['dataset']}, {o['size']}")
+    if _status_note(nb):
+        parts.append(f"{notebook} {_status_note(nb)}")
+    if note:
+        parts.append(note)
+    caption = " ".join(p if p.endswith(".") else p + "." for p in parts)
+    return ReportTable("baselines", "Baselines (01)", caption, frame,
+                       {"macro AUC": ("macro low", "macro high"), "micro AUC": ("micro low", "micro high")})
+
+
+def status_table(results: dict[str, NotebookResults]) -> pd.DataFrame:
+    """One row per notebook: status, wall time, device, commit, parameter hash."""
+    rows = []
+    for nb in results.values():
+        prov = nb.provenance
+        git = prov.get("git") or {}
+        device = prov.get("device") or {}
+        commit = (git.get("commit") or "")[:10] + (" (dirty)" if git.get("dirty") else "")
+        rows.append({"notebook": nb.name, "status": nb.status,
+                     "wall time (s)": prov.get("wall_seconds"),
+                     "device": device.get("device", "") + (f" ({', '.join(device['gpus'])})"
+                                                            if device.get("gpus") else ""),
+                     "git commit": commit, "params hash": prov.get("params_hash", ""),
+                     "figures": len(nb.figures), "tables": len(nb.tables)})
+    return pd.DataFrame(rows, columns=["notebook", "status", "wall time (s)", "device", "git commit",
+                                       "params hash", "figures", "tables"])
+
+
+def study_tables(papers: dict[str, dict], results: dict[str, NotebookResults],
+                 note: str = "") -> list[ReportTable]:
+    """All the report's tables, in reading order: baselines, then per paper."""
+    tables = [t for t in [baseline_table(results, note=note)] if t is not None]
+    for pid, paper in papers.items():
+        tables.append(paper_table(pid, paper, results, note))
+        for extra in (parameter_table(pid, paper, results, note), per_class_table(pid, paper, results, note)):
+            if extra is not None:
+                tables.append(extra)
+    return tables
+
+
+__all__ = ["ReportTable", "baseline_table", "caveat", "our_setting", "paper_table",
+           "parameter_table", "per_class_table", "status_table", "study_tables"]
