@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,8 +65,8 @@ class CountingReads:
         return self._read(i)
 
 
-def measure(n_images: int, size: int, chunk_size: int, cache_dir: str, queue) -> None:
-    """Child process: build twice, report memory and reads through ``queue``."""
+def measure(n_images: int, size: int, chunk_size: int, cache_dir: str) -> dict[str, Any]:
+    """In the measuring process: build twice; memory, reads and times of both builds."""
     from cxrstudy.data.cache import ImageCache
     from cxrstudy.data.synthetic import SyntheticDataset
 
@@ -83,7 +83,7 @@ def measure(n_images: int, size: int, chunk_size: int, cache_dir: str, queue) ->
     started = time.perf_counter()
     again = ImageCache.build(dataset, cache_dir=cache_dir, progress=False, chunk_size=chunk_size)
     second_seconds = time.perf_counter() - started
-    queue.put({
+    return {
         "images": n_images, "size": size, "chunk_size": chunk_size,
         "file_bytes": file_bytes, "rss_before_bytes": before, "peak_rss_bytes": peak,
         "build_increment_bytes": peak - before, "peak_reset": reset,
@@ -91,18 +91,18 @@ def measure(n_images: int, size: int, chunk_size: int, cache_dir: str, queue) ->
         "second_build_seconds": second_seconds, "second_build_reads": reads.count - first_reads,
         "second_build_same_file": again.path == cache.path,
         "failures": len(cache.failures),
-    })
+    }
 
 
 def run(n_images: int, size: int, chunk_size: int, cache_dir: Path) -> dict[str, Any]:
-    context = mp.get_context("spawn")  # a fresh process: no memory left over from the parent
-    queue = context.Queue()
-    child = context.Process(target=measure, args=(n_images, size, chunk_size, str(cache_dir), queue))
-    child.start()
-    row = queue.get()
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"the measuring process exited with {child.exitcode}")
+    """Measure in a fresh interpreter (this script with ``--child``): no memory left over from
+    the caller, and its peak is its own."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--images", str(n_images),
+               "--size", str(size), "--chunk-size", str(chunk_size), "--cache-dir", str(cache_dir)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process exited with {done.returncode}:\n{done.stderr}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
     row["peak_under_limit"] = row["peak_rss_bytes"] < LIMIT_BYTES
     row["peak_over_file"] = row["peak_rss_bytes"] / row["file_bytes"]
     return row
@@ -138,6 +138,7 @@ def parse_args(argv):
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="images per chunk (default: the cache's own)")
     parser.add_argument("--out", default="results/bench", help="output folder")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None,
                         help="where to build (default: a temp folder, removed afterwards)")
     return parser.parse_args(argv)
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     chunk = args.chunk_size or DEFAULT_CHUNK
     if n_images < 1 or size < 1 or chunk < 1:
         raise SystemExit("need --images, --size and --chunk-size >= 1")
+    if args.child:  # the measuring process: one JSON line on stdout, nothing written
+        print(json.dumps(measure(n_images, size, chunk, args.cache_dir)))
+        return {}
     print(f"cache memory benchmark: {n_images:,} images at {size} px, chunks of {chunk}", flush=True)
     started = time.perf_counter()
     if args.cache_dir:

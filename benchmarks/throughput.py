@@ -91,10 +91,7 @@ def build_model(row_name: str, size: int, device: torch.device) -> torch.nn.Modu
     from cxrstudy.models import create_model
 
     name, kwargs = model_spec(row_name, size)
-    model = create_model(name, num_classes=NUM_CLASSES, in_chans=1, image_size=size, **kwargs)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # kept by Trainer's .to(device)
-    return model
+    return create_model(name, num_classes=NUM_CLASSES, in_chans=1, image_size=size, **kwargs)
 
 
 # ---- data on disk --------------------------------------------------------------------------
@@ -178,6 +175,7 @@ class Settings:
     seed: int
     deterministic: bool
     quick: bool
+    compile: bool = False
     models: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
 
@@ -196,7 +194,7 @@ class Settings:
                 "models": list(self.models), "sizes": list(self.sizes),
                 "mixed_precision": "bf16" if self.device.type == "cuda" else "no",
                 "channels_last": self.device.type == "cuda",
-                "pinned_memory": self.device.type == "cuda",
+                "pinned_memory": self.device.type == "cuda", "compile": self.compile,
                 "augment": "BatchAugment() defaults (ours); Resize+RandomHorizontalFlip+"
                            "RandomRotation(10)+ToTensor per item (conventional)"}
 
@@ -262,7 +260,8 @@ def measure_row(row_name: str, size: int, dataset, settings: Settings) -> dict[s
     config = TrainConfig(epochs=1, lr=1e-4, grad_clip=1.0, seed=settings.seed,
                          deterministic=settings.deterministic, progress=False,
                          mixed_precision="bf16" if device.type == "cuda" else "no",
-                         cpu=device.type == "cpu")
+                         cpu=device.type == "cpu", channels_last=device.type == "cuda",
+                         compile=settings.compile)
     trainer = Trainer(model, config)
     augment = BatchAugment(seed=settings.seed)
     pin = device.type == "cuda"
@@ -418,10 +417,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="loader workers, both pipelines (default 2 on CPU, "
                              "min(8, CPUs) on CUDA)")
-    parser.add_argument("--source-size", type=int, default=256, help="PNG side in pixels")
+    parser.add_argument("--source-size", type=int, default=1024,
+                        help="PNG side in pixels (1024: the NIH release's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                         help="skip torch's deterministic kernels (the study's runs use them)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--data-dir", default=None,
                         help="where to write the PNGs and cache (default: a temp folder, removed)")
     return parser.parse_args(argv)
@@ -441,7 +442,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         warmup=args.warmup if args.warmup is not None else (2 if quick else 3),
         steps=args.steps or (5 if quick else 20),
         workers=int(workers), source_size=int(args.source_size), seed=int(args.seed),
-        deterministic=bool(args.deterministic), quick=quick,
+        deterministic=bool(args.deterministic), quick=quick, compile=bool(args.compile),
         models=list(args.models or (QUICK_MODELS if quick else MODELS)),
         sizes=sorted(set(args.sizes or (QUICK_SIZES if quick else SIZES))))
     if settings.warmup < 0 or settings.steps < 1 or settings.batch_size < 1:

@@ -284,3 +284,20 @@ def test_config_is_checked_and_precision_resolved():
         TrainConfig(ema_decay=1.5)
     with pytest.raises(ValueError, match="resume=True needs a checkpoint_dir"):
         Trainer(new_model(), config(resume=True)).fit(loader())
+
+
+def test_speed_options_change_nothing_a_resumed_run_must_share(tmp_path):
+    # channels_last and compile change how fast a step runs, not what it computes: a run
+    # interrupted with them may resume without them, and on the CPU channels_last is not used
+    assert not {"channels_last", "compile"} & set(config().run_identity())
+    trainer = Trainer(new_model(), config(channels_last=True))
+    assert trainer.channels_last is False  # CPU: NHWC only helps cuDNN
+    batch = trainer._to_device(next(iter(loader())))
+    assert batch["image"].is_contiguous()  # left NCHW
+    first = Trainer(new_model(), config(checkpoint_dir=tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(Interruptible(loader(), stop_in=2))
+    resumed = Trainer(new_model(), config(checkpoint_dir=tmp_path, resume=True,
+                                          channels_last=True))
+    history = resumed.fit(Interruptible(loader()))
+    assert list(history["epoch"]) == [1, 2]  # epoch 1 came from the checkpoint

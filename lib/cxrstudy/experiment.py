@@ -150,10 +150,12 @@ def count_parameters(model: torch.nn.Module) -> int:
 def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int = 0):
     from .data.loader import BatchLoader
 
+    pin = torch.cuda.is_available()  # page-locked batches let the copies to the GPU overlap
     train = BatchLoader(data.train, batch_size, shuffle=True, seed=seed, drop_last=False,
-                        num_workers=num_workers)
-    val = BatchLoader(data.val, batch_size, shuffle=False, num_workers=num_workers)
-    test = BatchLoader(data.test, batch_size, shuffle=False, num_workers=num_workers)
+                        num_workers=num_workers, pin_memory=pin)
+    val = BatchLoader(data.val, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
+    test = BatchLoader(data.test, batch_size, shuffle=False, num_workers=num_workers,
+                       pin_memory=pin)
     return train, val, test
 
 
@@ -165,12 +167,14 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                        grad_clip: float = 1.0, augment: bool | dict = True, n_boot: int = 1000,
                        seed: int = 0, pretrained: bool = False, num_workers: int = 0,
                        loss: str | Any = "bce", trainer_cls=None, trainer_kwargs: dict | None = None,
-                       model_kwargs: dict | None = None, progress: bool = True) -> RunResult:
+                       model_kwargs: dict | None = None, progress: bool = True,
+                       channels_last: bool = True, compile: bool = False) -> RunResult:
     """Train ``model`` (a registry name or a built module) on ``data`` and evaluate on its test split.
 
     Checkpoints go to ``<output_dir>/checkpoints/<tag>/`` (resumed when a same-config run was
     interrupted), the history to ``tables/history_<tag>.csv`` and the test predictions to
     ``predictions/<tag>.npz`` so later notebooks (DeLong tests, explainability) can reuse them.
+    ``channels_last`` (CUDA only) and ``compile`` change speed, not results.
     """
     from .data.augment import BatchAugment, from_config
     from .metrics import summarize
@@ -190,7 +194,7 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                          min_lr=min_lr,
                          ema_decay=ema_decay or None, early_stopping_patience=early_stopping_patience or None,
                          grad_clip=grad_clip, seed=seed, checkpoint_dir=str(checkpoint_dir), resume=True,
-                         progress=progress)
+                         progress=progress, channels_last=channels_last, compile=compile)
     if augment is True:
         augmenter = BatchAugment(seed=seed)
     elif isinstance(augment, dict):

@@ -60,7 +60,7 @@ def explain_models(trained: Sequence[TrainedModel], dataset, items: pd.DataFrame
                    threshold: float = 0.5, tolerance: float = 0.0, n_figure_items: int = 4,
                    batch_size: int = 16, score_cam_batch_size: int = 64,
                    evidence: bool = True, device: str | None = None,
-                   log=print) -> Explanations:
+                   log=None) -> Explanations:
     """Explain ``items`` of ``dataset`` (no image cache) with every model in ``trained``."""
     from ..evaluate import load_model_from_checkpoint
 
@@ -126,7 +126,8 @@ def explain_models(trained: Sequence[TrainedModel], dataset, items: pd.DataFrame
                            "checkpoint": entry.checkpoint.name, "target layer": target.description,
                            "items": len(keep), "items without a matching class": len(items) - len(keep),
                            "methods": ", ".join(ran), "seconds": round(time.perf_counter() - start, 2)})
-        log(f"{entry.key}: {len(keep)} items, {', '.join(ran)} in {model_rows[-1]['seconds']} s")
+        if log is not None:
+            log(f"{entry.key}: {len(keep)} items, {', '.join(ran)} in {model_rows[-1]['seconds']} s")
         del model
     result.models = pd.DataFrame(model_rows)
     result.rows = pd.DataFrame(rows)
@@ -161,15 +162,16 @@ def evidence_panels(result: Explanations, kind: str, method: str = "Grad-CAM"
     return maps, predicted
 
 
-def items_sentence(items: pd.DataFrame, dataset, splits: Sequence[str]) -> str:
+def items_sentence(items: pd.DataFrame, dataset, splits: Sequence[str], name: str | None = None
+                   ) -> str:
     """How many boxes and images the localization numbers rest on, and from which splits."""
     boxed = items[items["boxes"] > 0]
     all_boxes = int(dataset.boxes["image_id"].astype(str).isin(
         dataset.records["image_id"].astype(str)).sum()) if len(dataset.boxes) else 0
     text = (f"The localization numbers rest on {int(boxed['boxes'].sum())} boxes on "
             f"{boxed['image_id'].nunique()} images ({len(boxed)} image–class items) of the "
-            f"{all_boxes} boxes among the {len(dataset)} images of {dataset.name}, "
-            f"from the split(s) {', '.join(splits)}.")
+            f"{all_boxes} boxes among the {len(dataset)} images of {name or dataset.name}: "
+            f"images every source notebook put in its {'/'.join(splits)} split or never loaded.")
     seen = boxed[boxed["seen_by"] != ""]
     if len(seen):
         text += (f" {seen['image_id'].nunique()} of these images were seen in training or "
