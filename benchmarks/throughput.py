@@ -24,8 +24,9 @@ with MXA ÷ step time of M5 on the ``limit`` path, per size and crop mode.
 The images are phantoms of :class:`~cxrstudy.data.synthetic.SyntheticDataset` written as
 ``--source-size`` px grayscale PNGs in the NIH ChestX-ray14 layout (``Data_Entry_2017.csv`` +
 ``images/``) in a temporary folder, and read through ``load_dataset("nih", ..., cache=True)``:
-the adapter, cache and loader real runs use. Real NIH PNGs are 1024 px, so decoding costs more
-there than here and the conventional path is slower still.
+the adapter, cache and loader real runs use. The default 1024 px is the NIH release's own size;
+the smooth phantoms compress better than radiographs, so a real PNG decodes a little slower still
+(measured here: 12.6 ms for a 1024 px phantom, 13.9 ms for a sample radiograph upscaled to 1024).
 
 Outputs: ``<out>/throughput.json`` (rows + metadata) and ``<out>/throughput.md``. Files of an
 earlier run are never overwritten: they are moved to ``<out>/_previous/<timestamp>/`` first.
