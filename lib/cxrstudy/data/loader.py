@@ -54,8 +54,8 @@ class BatchLoader:
         self.epoch = 0
         self.start_batch = 0
         self._rows = None
-        self._targets = None
-        self._masks = None
+        self._targets_np = None
+        self._masks_np = None
 
     # ---- order ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -99,17 +99,23 @@ class BatchLoader:
                                  f"images but the dataset's image_size is "
                                  f"{self.dataset.image_size}; attach a cache of that size")
             self._rows = cache.rows_for(self.dataset)
-            self._targets = torch.from_numpy(self.dataset.targets)
-            self._masks = torch.from_numpy(self.dataset.masks)
+            self._targets_np = np.ascontiguousarray(self.dataset.targets)
+            self._masks_np = np.ascontiguousarray(self.dataset.masks)
 
     def cached_batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """One batch of dataset rows ``indices`` read from the cache in a single memmap read."""
         self._prepare_cached()
         pixels = self.dataset.cache.read_rows(self._rows[indices])
-        index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
-        image = torch.from_numpy(pixels).unsqueeze(1).to(torch.float32).div_(255.0)
-        batch = {"image": image, "target": self._targets[index], "mask": self._masks[index],
-                 "index": index}
+        rows = np.ascontiguousarray(indices, dtype=np.int64)
+        # numpy, not torch: this runs in the prefetch threads, where a torch op large enough to
+        # go parallel starts a second OpenMP pool whose spinning threads starve the training step
+        # (measured: 98 vs 354 img/s, EfficientViT-M0 inference at 64 px on 2 cores). IEEE
+        # division is correctly rounded, so the pixels equal torch's ``div_(255)`` bit for bit.
+        image = np.true_divide(pixels[:, None], np.float32(255.0), dtype=np.float32)
+        batch = {"image": torch.from_numpy(image),
+                 "target": torch.from_numpy(self._targets_np[rows]),
+                 "mask": torch.from_numpy(self._masks_np[rows]),
+                 "index": torch.from_numpy(rows)}
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
