@@ -63,12 +63,17 @@ def machine_metadata(script: str, argv: list[str], seconds: float) -> dict[str, 
     }
 
 
-def write_result_files(out: Path, files: dict[str, str]) -> Path | None:
-    """Write ``{name: text}`` under ``out`` after moving an earlier run's files aside."""
+def write_result_files(out: Path, data: dict[str, Any], text: dict[str, str]) -> Path | None:
+    """Write ``{name: data}`` as JSON and ``{name: text}`` under ``out``, each atomically, after
+    moving an earlier run's files aside; returns where they went (None: nothing was there)."""
+    from cxrstudy.outputs import write_json_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    moved = move_previous(out, list(files))
-    for name, text in files.items():
+    moved = move_previous(out, [*data, *text])
+    for name, value in data.items():
+        write_json_atomic(out / name, value)
+    for name, value in text.items():
         tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
+        tmp.write_text(value)
         os.replace(tmp, out / name)
     return moved

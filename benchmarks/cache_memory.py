@@ -146,8 +146,6 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     from cxrstudy.data.cache import DEFAULT_CHUNK
-    from cxrstudy.outputs import _jsonable
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     n_images = args.images or (2000 if args.quick else 20000)
@@ -169,9 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
               "metadata": machine_metadata("benchmarks/cache_memory.py", argv,
                                            time.perf_counter() - started)}
     out = Path(args.out)
-    moved = write_result_files(out, {
-        RESULT_FILES[0]: json.dumps(_jsonable(result), indent=2, sort_keys=True),
-        RESULT_FILES[1]: markdown(result)})
+    moved = write_result_files(out, {RESULT_FILES[0]: result}, {RESULT_FILES[1]: markdown(result)})
     if moved is not None:
         print(f"moved the previous results to {moved}")
     print(markdown(result))

@@ -394,11 +394,7 @@ def markdown(result: dict) -> str:
 
 def write_results(result: dict, out: Path) -> tuple[Path, Path, Path | None]:
     """Write throughput.json/.md under ``out`` after moving an earlier run's files aside."""
-    from cxrstudy.outputs import _jsonable
-
-    moved = write_result_files(out, {
-        RESULT_FILES[0]: json.dumps(_jsonable(result), indent=2, sort_keys=True),
-        RESULT_FILES[1]: markdown(result)})
+    moved = write_result_files(out, {RESULT_FILES[0]: result}, {RESULT_FILES[1]: markdown(result)})
     return out / RESULT_FILES[0], out / RESULT_FILES[1], moved
 
 

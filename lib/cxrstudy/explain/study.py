@@ -197,3 +197,26 @@ def localization_metrics(result: Explanations, table: pd.DataFrame) -> dict:
 
 __all__ = ["Explanations", "explain_models", "evidence_panels", "items_sentence",
            "localization_metrics"]
+
+
+def save_figures(out, result: Explanations, methods: Sequence[str]) -> list[str]:
+    """Save one figure per CAM method (every model on the same images, true boxes in red) and
+    one per kind of own evidence (Grad-CAM beside it); returns the figure names written."""
+    from .. import plots
+
+    written = []
+    for method in methods:
+        label = CAM_LABELS[method]
+        if label in result.maps:
+            name = "cams_" + method.replace("+", "p")
+            out.save_figure(plots.map_overlays(result.images, result.maps[label], result.titles,
+                                               boxes=result.boxes),
+                            name, caption=f"{label} of every model on the same images")
+            written.append(name)
+    for kind in sorted({own["kind"] for own in result.evidence.values()}):
+        maps, predicted = evidence_panels(result, kind)
+        out.save_figure(plots.maps_with_predicted_boxes(result.images, maps, result.titles,
+                                                        result.boxes, predicted),
+                        f"evidence_{kind}", caption=f"Grad-CAM beside the models' own evidence ({kind})")
+        written.append(f"evidence_{kind}")
+    return written
