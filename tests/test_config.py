@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from cxrstudy.config import ConfigError, discover_notebooks, parse_override, resolve_parameters
+from cxrstudy.config import (ConfigError, discover_notebooks, parameters_cell, parse_override,
+                             read_parameter_defaults, resolve_parameters)
 
 
 def write_notebook(folder, name, params_source, depends_on=None):
@@ -103,3 +104,16 @@ def test_shipped_profiles_resolve_against_shipped_notebooks():
     for profile in ("tiny", "sample", "default", "paper"):
         resolved = resolve_parameters(profile, [], specs, REPO / "params")
         assert all(p["profile"] == profile for p in resolved.values())
+
+
+def test_papermill_reads_every_parameter_the_study_reads():
+    """papermill's own parser (which warns "Passed unknown parameter" on a line it cannot parse,
+    e.g. an ``=`` inside the comment) sees every default ``read_parameter_defaults`` sees."""
+    from conftest import REPO
+    from papermill.translators import PythonTranslator
+
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        source = parameters_cell(json.loads(path.read_text()))["source"]
+        source = "".join(source) if isinstance(source, list) else source
+        seen_by_papermill = {p.name for p in PythonTranslator.inspect({"source": source})}
+        assert seen_by_papermill == set(read_parameter_defaults(path)), path.name
