@@ -41,6 +41,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine_metadata(script: str, argv: list[str], seconds: float) -> dict[str, Any]:
     """Date, CPU, torch/package versions, git state and the command line of a benchmark run."""
     import torch
@@ -51,7 +58,7 @@ def machine_metadata(script: str, argv: list[str], seconds: float) -> dict[str, 
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu_name": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_usable": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "packages": package_versions(),

@@ -77,6 +77,38 @@ def test_throughputs_are_positive_and_ratios_are_quotients(bench, quick_run):
                 row[f"ours_{mode}_ips"] / row[f"conventional_{mode}_ips"], rel=1e-12)
 
 
+def test_perfect_packing_columns_follow_from_the_measured_times(bench, quick_run):
+    """conv. packed = min(limit, C / (decode + step CPU per image)), from this run's numbers."""
+    _, _, stored = quick_run
+    cpus = stored["metadata"]["cpus_usable"]
+    for row in stored["rows"]:
+        assert row["cpus"] == cpus
+        for mode in MODES:
+            decode = row[f"decode_{mode}_cpu_s_per_image"]
+            step_cpu = row[f"limit_{mode}_cpu_s_per_image"]
+            assert decode > 0 and step_cpu > 0
+            assert step_cpu == pytest.approx(
+                row[f"limit_{mode}_cpu_seconds"] / row[f"limit_{mode}_images"], rel=1e-12)
+            packed = row[f"conventional_packed_{mode}_ips"]
+            assert packed == pytest.approx(
+                min(row[f"limit_{mode}_ips"], cpus / (decode + step_cpu)), rel=1e-12)
+            assert packed <= row[f"limit_{mode}_ips"]
+            assert row[f"ours_over_conventional_packed_{mode}"] == pytest.approx(
+                row[f"ours_{mode}_ips"] / packed, rel=1e-12)
+    # decoding is the same work for every model at one size
+    assert len({r["decode_train_cpu_s_per_image"] for r in stored["rows"]}) == 1
+
+
+def test_packing_columns_are_empty_off_cpu(bench):
+    row = {"limit_train_cpu_seconds": 1.0, "limit_train_images": 10, "limit_train_ips": 5.0,
+           "ours_train_ips": 5.0}
+    assert set(bench.packing_columns(row, "train", None).values()) == {None}
+    filled = bench.packing_columns(row, "train", {"train": 0.1})
+    # decode 0.1 s + step 0.1 s per image on C cores: C / 0.2 img/s, but never above the limit
+    assert filled["conventional_packed_train_ips"] == pytest.approx(
+        min(5.0, filled["cpus"] / 0.2))
+
+
 def test_mxa_overhead_is_the_quotient_of_limit_step_times(quick_run):
     _, _, stored = quick_run
     rows = {(r["model"], r["size"]): r for r in stored["rows"]}
@@ -98,6 +130,10 @@ def test_markdown_lists_every_row(quick_run):
     for entry in stored["mxa_overhead"]:
         assert any(line.startswith(f"| mxa_overhead | {entry['crop']} | {entry['size']} |")
                    for line in lines), entry["crop"]
+    packed_section = lines[lines.index("## The conventional path at perfect packing (CPU)"):]
+    for row in stored["rows"]:
+        assert any(line.startswith(f"| {row['model']} | {row['size']} |")
+                   for line in packed_section), row["model"]
 
 
 def test_second_run_moves_the_first_runs_files_aside(bench, quick_run):
