@@ -167,12 +167,16 @@ def conventional_transform(size: int, train: bool):
     return transforms.Compose(steps + [transforms.ToTensor()])
 
 
+def per_item_dataset(dataset, size: int, train: bool) -> PerItemPNGDataset:
+    """The conventional path's Dataset over the same PNGs, labels and masks as ``dataset``."""
+    return PerItemPNGDataset(dataset.records["path"].tolist(), dataset.targets, dataset.masks,
+                             conventional_transform(size, train))
+
+
 def conventional_loader(dataset, size: int, train: bool, settings: "Settings"):
-    per_item = PerItemPNGDataset(dataset.records["path"].tolist(), dataset.targets,
-                                 dataset.masks, conventional_transform(size, train))
     return torch.utils.data.DataLoader(
-        per_item, batch_size=settings.batch_size, shuffle=train, drop_last=True,
-        num_workers=settings.workers, pin_memory=settings.device.type == "cuda",
+        per_item_dataset(dataset, size, train), batch_size=settings.batch_size, shuffle=train,
+        drop_last=True, num_workers=settings.workers, pin_memory=settings.device.type == "cuda",
         generator=torch.Generator().manual_seed(settings.seed))
 
 
@@ -234,8 +238,7 @@ def time_steps(batches: Iterator, step: Callable[[dict], int], settings: Setting
 def decode_cpu_seconds(dataset, size: int, train: bool, n_items: int) -> float:
     """CPU seconds per item of the conventional path's work in one process: PIL open + decode and
     the torchvision transforms (what a DataLoader worker does for each image)."""
-    per_item = PerItemPNGDataset(dataset.records["path"].tolist(), dataset.targets,
-                                 dataset.masks, conventional_transform(size, train))
+    per_item = per_item_dataset(dataset, size, train)
     n_items = min(n_items, len(per_item))
     per_item[0]  # first-use costs (imports, file cache) are not the per-item cost
     started = time.process_time()

@@ -195,9 +195,6 @@ def localization_metrics(result: Explanations, table: pd.DataFrame) -> dict:
             "localization": table.to_dict(orient="records")}
 
 
-__all__ = ["Explanations", "explain_models", "evidence_panels", "items_sentence",
-           "localization_metrics"]
-
 
 def save_figures(out, result: Explanations, methods: Sequence[str]) -> list[str]:
     """Save one figure per CAM method (every model on the same images, true boxes in red) and
@@ -220,3 +217,7 @@ def save_figures(out, result: Explanations, methods: Sequence[str]) -> list[str]
                         f"evidence_{kind}", caption=f"Grad-CAM beside the models' own evidence ({kind})")
         written.append(f"evidence_{kind}")
     return written
+
+
+__all__ = ["Explanations", "explain_models", "evidence_panels", "items_sentence",
+           "localization_metrics", "save_figures"]
