@@ -120,6 +120,32 @@ def test_every_paper_reference_entry_has_a_source():
     assert "not_available" in reference.number("mlcak", "auroc")
 
 
+def test_mlcak_setting_names_the_abstracts_two_resolutions():
+    from cxrstudy.report.tables import caveat, paper_resolutions
+
+    setting = reference.paper("mlcak")["setting"]
+    assert (setting["image_size"], setting["teacher_image_size"]) == (28, 224)
+    assert paper_resolutions(setting) == {28, 224}
+    # a run at the paper's two sizes on VinDr still differs in the model (not named), and the
+    # caveat names both of the paper's resolutions
+    class Run:
+        name, status = "04_low_resolution", "ok"
+        metrics = {"models": {"mlcak_28": {}}}
+
+        def setting(self, key):
+            return {"dataset": "vindr", "resolutions": [28], "teacher_image_size": 224,
+                    "vit": "deit_tiny_mt"}.get(key)
+
+    text = caveat(reference.paper("mlcak"), [Run()])
+    assert "Paper: VinDr-CXR, 28 px (teacher 224 px)" in text
+    assert "28 px (teacher 224 px), deit_tiny_mt" in text
+
+
+def test_chexfound_cites_the_version_of_its_pretraining_count():
+    model = reference.paper("glori")["setting"]["model"]
+    assert "987K" in model and "2502.05142v2" in model and "one million" in model
+
+
 def test_a_number_without_source_or_value_is_refused():
     good = yaml.safe_load((REPO / "params" / "paper_reference.yaml").read_text())
     reference.check_reference(good)

@@ -83,6 +83,12 @@ def our_setting(nb: NotebookResults) -> dict[str, Any]:
             "synthetic": bool(nb.metrics.get("synthetic_data"))}
 
 
+def paper_resolutions(setting: dict) -> set[int]:
+    """The resolutions a paper names: its image size and, for a distillation study, the
+    teacher's (MLCAK: 28 px students, 224 px teacher)."""
+    return {s for s in (setting.get("image_size"), setting.get("teacher_image_size")) if s}
+
+
 def caveat(paper: dict, notebooks: list[NotebookResults]) -> str | None:
     """``ours: …; paper: …`` when our dataset, resolution or model differs from the paper's."""
     setting = paper["setting"]
@@ -90,16 +96,20 @@ def caveat(paper: dict, notebooks: list[NotebookResults]) -> str | None:
     if not ran:
         return None
     ours = [our_setting(nb) for nb in ran]
+    paper_sizes = paper_resolutions(setting)
     differs = any(
         o["dataset"] != setting.get("dataset_id")
-        or setting.get("image_size") is None or any(s != setting["image_size"] for s in o["sizes_px"])
+        or not paper_sizes or any(s not in paper_sizes for s in o["sizes_px"])
         or (setting.get("model_id") is None or o["model"] != setting["model_id"])
         for o in ours)
     if not differs:
         return None
     ours_text = "; ".join(f"{nb.name}: {o['dataset']}, {o['size']}, {o['model']}"
                           for nb, o in zip(ran, ours))
-    size = f"{setting['image_size']} px" if setting.get("image_size") else "resolution not in our sources"
+    size = (f"{setting['image_size']} px" if setting.get("image_size") else
+            "resolution not in our sources")
+    if setting.get("teacher_image_size"):
+        size += f" (teacher {setting['teacher_image_size']} px)"
     return (f"Not the paper's setting — ours: {ours_text}. Paper: {setting['dataset']}, {size}, "
             f"{setting['model']}.")
 
@@ -315,5 +325,5 @@ def study_tables(papers: dict[str, dict], results: dict[str, NotebookResults],
     return tables
 
 
-__all__ = ["ReportTable", "baseline_table", "caveat", "our_setting", "paper_table",
+__all__ = ["ReportTable", "baseline_table", "caveat", "our_setting", "paper_resolutions", "paper_table",
            "parameter_table", "per_class_table", "status_table", "study_tables"]
