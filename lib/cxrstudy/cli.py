@@ -10,14 +10,18 @@ import sys
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .data.availability import DataUnavailableError
-    from .runner import run_notebooks
+    from .runner import RunLockedError, run_notebooks
 
     try:
         results = run_notebooks(args.notebooks, args.profile, args.param, force=args.force,
                                 results_dir=args.results, progress=not args.quiet)
-    except (ConfigError, ValueError, DataUnavailableError) as exc:
+    except (ConfigError, ValueError, DataUnavailableError, RunLockedError) as exc:
         print(f"cxrstudy run: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ncxrstudy run: interrupted; the notebook's checkpoints are kept and the same "
+              "command resumes it", file=sys.stderr)
+        return 130
     _print_index(args.results, args.profile)
     bad = [r for r in results if r.status in ("failed", "blocked")]
     if bad:

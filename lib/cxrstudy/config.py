@@ -26,6 +26,22 @@ class ConfigError(ValueError):
     """A profile or override that cannot be used; the message names the key and the file."""
 
 
+#: Lower bounds that a value's type cannot say: ``epochs=-1`` is refused before any kernel starts.
+#: A key absent here (or a None value: "off", "all") is not range-checked.
+MINIMUM = {"epochs": 1, "teacher_epochs": 1, "warmup_epochs": 0, "batch_size": 1,
+           "image_size": 1, "teacher_image_size": 1, "max_images": 1, "n_boot": 0, "seed": 0,
+           "lr": 0.0, "min_lr": 0.0}
+
+
+def check_range(key: str, value: Any, where: str) -> None:
+    """Refuse a number below the key's minimum (:data:`MINIMUM`), naming key and source."""
+    low = MINIMUM.get(key)
+    if low is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if value < low:
+        raise ConfigError(f"{where}: {key!r} must be at least {low}, got {value!r}")
+
+
 @dataclass
 class NotebookSpec:
     """A study notebook and the parameters its tagged cell declares (name → default)."""
@@ -131,7 +147,16 @@ def load_profile_file(profile: str, params_dir: Path | None = None) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "paper_reference")
         raise ConfigError(f"unknown profile {profile!r}: no {path}; known profiles: {', '.join(known)}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile is a mapping with shared/notebooks sections, "
+                          f"got {type(data).__name__}")
     unknown_top = set(data) - {"description", "shared", "notebooks"}
     if unknown_top:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown_top)} "
@@ -194,6 +219,7 @@ def resolve_parameters(
             for key, value in layer.items():
                 if key in spec.defaults:
                     values[key] = check_type(key, value, spec.defaults[key], source)
+                    check_range(key, values[key], source)
         values["profile"] = profile
         resolved[name] = values
     return resolved

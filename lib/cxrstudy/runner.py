@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,75 @@ from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
 
 PROVENANCE = "provenance.json"
+#: A run that stopped before it finished (killed, Ctrl-C, a failure) with the same fingerprint
+#: continues in place: its ``last.pt`` checkpoints resume training instead of starting over.
+RESUMABLE = ("failed", "running", "interrupted")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is running the same notebook into the same results folder."""
+
+
+class RunLock:
+    """One run per notebook folder: ``<profile>/.<notebook>.lock`` holds the owner's pid, host
+    and start time. A lock left by a process that is gone (same host, pid not alive) is taken
+    over; a live one is refused, naming who holds it."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir.parent / f".{output_dir.name}.lock"
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # another machine's process: we cannot tell, so respect it
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, TypeError, ValueError):
+            return True
+        return True
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder() or {}
+                if holder and self._alive(holder):
+                    raise RunLockedError(
+                        f"{self.path.parent / self.path.name[1:-5]} is being written by process "
+                        f"{holder.get('pid')} on {holder.get('host')} (since {holder.get('started')}); "
+                        f"wait for it to finish, or delete {self.path} if that process is gone")
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.owner, handle)
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if (self.holder() or {}).get("pid") == self.owner["pid"]:
+            self.path.unlink(missing_ok=True)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The notebook's own exception (type and message) for the terminal, not papermill's
+    wrapper: ``CorruptImageError: cannot decode …`` rather than a blank cause."""
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:
+        cell = getattr(exc, "exec_count", None)
+        return f"{ename}: {evalue}" + (f" (cell [{cell}])" if cell is not None else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -42,8 +112,14 @@ def preflight_data(params: list[dict], log: Callable[[str], None]) -> None:
     any kernel starts; raises :class:`~cxrstudy.data.availability.DataUnavailableError`."""
     from .data.availability import ensure_available
 
+    from .data import list_datasets
+    from .data.availability import DataUnavailableError
+
     needed = {(p["dataset"], p.get("data_root"), int(p.get("image_size", 224)))
               for p in params if p.get("dataset")}
+    known = list_datasets()
+    for dataset in sorted({name for name, _, _ in needed} - set(known)):
+        raise DataUnavailableError(f"unknown dataset {dataset!r}; known datasets: {', '.join(known)}")
     for dataset, root, size in sorted(needed, key=str):
         ensure_available(dataset, root, size, log=log)
 
@@ -62,6 +138,19 @@ def select(names: list[str] | str, notebooks: dict[str, NotebookSpec]) -> list[s
     return chosen
 
 
+def default_results_dir(log: Callable[[str], None] = print) -> Path:
+    """``results/`` of the study this package belongs to, said out loud when the working
+    directory is another cxrstudy checkout (an editable install of one clone used from a
+    second clone runs the first clone's notebooks and writes into its results)."""
+    root = repo_root()
+    here = Path.cwd().resolve()
+    if (here / "lib" / "cxrstudy").is_dir() and here != root.resolve():
+        log(f"note: the cxrstudy package in use is installed from {root}, not from the "
+            f"checkout in {here}; its notebooks, params and results/ are used (pass --results "
+            f"to write elsewhere, or `pip install -e .` here)")
+    return root / "results"
+
+
 def previous_fingerprint(output_dir: Path) -> str | None:
     path = output_dir / PROVENANCE
     if not path.is_file():
@@ -78,13 +167,15 @@ def previous_record(output_dir: Path) -> dict | None:
 def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> Path | None:
     """Move earlier outputs aside before a rerun, so nothing is silently overwritten.
 
-    A failed run with the same fingerprint stays in place: its checkpoints let training resume.
+    A run of the same fingerprint that did not finish (failed, interrupted by Ctrl-C, or killed
+    while ``running``) stays in place: its ``last.pt`` checkpoints let training resume.
     """
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return None
     record = previous_record(output_dir)
-    if record is not None and record.get("status") == "failed" and record.get("fingerprint") == fp:
-        log(f"    resuming in place: the last run of these parameters failed ({output_dir})")
+    if record is not None and record.get("status") in RESUMABLE and record.get("fingerprint") == fp:
+        log(f"    resuming in place: the last run of these parameters was {record['status']} "
+            f"({output_dir})")
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = output_dir.parent / "_previous" / f"{output_dir.name}-{stamp}"
@@ -127,7 +218,8 @@ def run_notebooks(
     chosen = select(names, notebooks)
     if check_data:
         preflight_data([all_params[n] for n in chosen], log)
-    results_dir = Path(results_dir) if results_dir else repo_root() / "results"
+    results_dir = Path(results_dir) if results_dir else default_results_dir(log)
+    log(f"results: {(Path(results_dir) / profile).resolve()}")
     fingerprints: dict[str, str] = {}
     failed: set[str] = set()
     results: list[NotebookResult] = []
@@ -153,19 +245,28 @@ def run_notebooks(
             results.append(NotebookResult(name, "skipped", 0.0, output_dir))
             continue
         log(f"{prefix}: running (profile {profile}) → {output_dir}")
-        archive_previous(output_dir, fp, log)
-        start = time.perf_counter()
-        error = None
-        try:
-            executor(spec, params, output_dir, kernel_name=kernel_name, progress=progress)
-            status = "ok"
-        except Exception as exc:  # papermill raises PapermillExecutionError and others
-            status, error = "failed", f"{type(exc).__name__}: {exc}"
-            failed.add(name)
-        seconds = time.perf_counter() - start
-        write_json_atomic(output_dir / PROVENANCE,
-                          provenance_record(params, fp, status, seconds, error))
-        log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error.splitlines()[0]}" if error else ""))
+        with RunLock(output_dir):
+            archive_previous(output_dir, fp, log)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            # written first, so a run killed mid-way is recognised (and resumed) next time
+            write_json_atomic(output_dir / PROVENANCE,
+                              provenance_record(params, fp, "running", 0.0, None))
+            start = time.perf_counter()
+            error = None
+            try:
+                executor(spec, params, output_dir, kernel_name=kernel_name, progress=progress)
+                status = "ok"
+            except KeyboardInterrupt:
+                write_json_atomic(output_dir / PROVENANCE, provenance_record(
+                    params, fp, "interrupted", time.perf_counter() - start, "KeyboardInterrupt"))
+                raise
+            except Exception as exc:  # papermill raises PapermillExecutionError and others
+                status, error = "failed", describe_failure(exc)
+                failed.add(name)
+            seconds = time.perf_counter() - start
+            write_json_atomic(output_dir / PROVENANCE,
+                              provenance_record(params, fp, status, seconds, error))
+        log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error}" if error else ""))
         results.append(NotebookResult(name, status, seconds, output_dir, error))
 
     total = sum(r.seconds for r in results)

@@ -1,0 +1,149 @@
+"""The runner under interruption and bad input: interrupted runs resume from their checkpoints,
+one run per results folder, failures and bad profiles say why on the terminal."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cxrstudy import cli
+from cxrstudy.config import ConfigError, discover_notebooks, resolve_parameters
+from cxrstudy.data.availability import DataUnavailableError
+from cxrstudy.runner import RunLock, RunLockedError, describe_failure, run_notebooks
+from test_config import study  # noqa: F401  (fixture)
+
+
+def run(study_dirs, tmp_path, executor, **kw):
+    nbs, params = study_dirs
+    return run_notebooks("all", "tiny", notebooks_dir=nbs, params_dir=params,
+                         results_dir=tmp_path / "results", executor=executor,
+                         log=kw.pop("log", lambda m: None), **kw)
+
+
+def provenance(tmp_path, name="00_explore"):
+    return json.loads((tmp_path / f"results/tiny/{name}/provenance.json").read_text())
+
+
+class Interrupted:
+    """Trains one epoch (writes last.pt), then the user presses Ctrl-C."""
+
+    def __call__(self, spec, params, output_dir, **kwargs):
+        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (output_dir / "checkpoints/last.pt").write_text("epoch 1")
+        raise KeyboardInterrupt
+
+
+def ok(spec, params, output_dir, **kwargs):
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def test_ctrl_c_records_interrupted_and_the_next_run_resumes_in_place(study, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(study, tmp_path, Interrupted())
+    assert provenance(tmp_path)["status"] == "interrupted"
+    lines = []
+    results = run(study, tmp_path, ok, log=lines.append)
+    assert [r.status for r in results] == ["ok", "ok"]
+    # the checkpoint was not archived: training resumes from it
+    assert (tmp_path / "results/tiny/00_explore/checkpoints/last.pt").read_text() == "epoch 1"
+    assert not (tmp_path / "results/tiny/_previous").exists()
+    assert any("resuming in place" in line and "interrupted" in line for line in lines)
+    assert not list((tmp_path / "results/tiny").glob(".*.lock"))  # every lock released
+
+
+def test_a_killed_run_is_resumed_too(study, tmp_path):
+    """kill -9 leaves the 'running' record written before the kernel started."""
+    def killed(spec, params, output_dir, **kwargs):
+        Interrupted()(spec, params, output_dir)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(study, tmp_path, killed)
+    record = provenance(tmp_path)
+    record["status"] = "running"  # what kill -9 leaves: no chance to write 'interrupted'
+    (tmp_path / "results/tiny/00_explore/provenance.json").write_text(json.dumps(record))
+    run(study, tmp_path, ok)
+    assert (tmp_path / "results/tiny/00_explore/checkpoints/last.pt").is_file()
+    assert not (tmp_path / "results/tiny/_previous").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(study, tmp_path):
+    output_dir = tmp_path / "results/tiny/00_explore"
+    output_dir.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = output_dir.parent / ".00_explore.lock"
+        lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                    "started": "2026-12-03 10:00:00"}))
+        calls = []
+        with pytest.raises(RunLockedError, match=f"process {holder.pid} .*2026-12-03 10:00:00"):
+            run(study, tmp_path, lambda *a, **k: calls.append(a))
+        assert calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone: the stale lock is taken over and the run proceeds
+    assert [r.status for r in run(study, tmp_path, ok)] == ["ok", "ok"]
+
+
+def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
+    with RunLock(tmp_path / "01_baseline"):
+        with pytest.raises(RunLockedError, match=str(os.getpid())):
+            RunLock(tmp_path / "01_baseline").__enter__()
+    assert not (tmp_path / ".01_baseline.lock").exists()
+
+
+def test_a_failure_names_the_notebooks_own_exception():
+    from papermill.exceptions import PapermillExecutionError
+
+    exc = PapermillExecutionError(cell_index=4, exec_count=5, source="load()",
+                                  ename="CorruptImageError",
+                                  evalue="cannot decode images_001/images/x.png", traceback=[])
+    assert describe_failure(exc) == \
+        "CorruptImageError: cannot decode images_001/images/x.png (cell [5])"
+    assert describe_failure(RuntimeError("boom")) == "RuntimeError: boom"
+
+
+def test_a_malformed_profile_names_its_file_and_line(study):
+    nbs, params = study
+    (params / "tiny.yaml").write_text("shared:\n  image_size: 64\n  seed: [3\nnotebooks: {}\n")
+    with pytest.raises(ConfigError, match=r"tiny\.yaml line \d+, column \d+: not valid YAML"):
+        resolve_parameters("tiny", [], discover_notebooks(nbs), params)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("seed=-1", "'seed' must be at least 0, got -1"),
+    ("image_size=0", "'image_size' must be at least 1, got 0"),
+])
+def test_out_of_range_values_are_refused_before_any_kernel(study, tmp_path, override, words):
+    calls = []
+    with pytest.raises(ConfigError, match=words):
+        run(study, tmp_path, lambda *a, **k: calls.append(a), overrides=[override])
+    assert calls == []
+
+
+def test_the_real_profiles_refuse_negative_epochs():
+    with pytest.raises(ConfigError, match="'epochs' must be at least 1, got -1"):
+        resolve_parameters("tiny", ["epochs=-1"])
+
+
+def test_an_unknown_dataset_lists_the_known_ones(study, tmp_path):
+    nbs, params = study
+    (params / "tiny.yaml").write_text("shared:\n  image_size: 64\nnotebooks: {}\n")
+    text = (nbs / "00_explore.ipynb").read_text().replace('root = None', 'root = None\\ndataset = \\"nihh\\"')
+    (nbs / "00_explore.ipynb").write_text(text)
+    with pytest.raises(DataUnavailableError, match="unknown dataset 'nihh'; known datasets: .*nih-sample"):
+        run(study, tmp_path, ok, check_data=True)
+
+
+def test_ctrl_c_on_the_command_line_is_one_line(monkeypatch, capsys):
+    import cxrstudy.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxrstudy.runner, "run_notebooks", interrupted)
+    assert cli.main(["run", "00", "--profile", "tiny"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cxrstudy run: interrupted") and "Traceback" not in err
+    assert len(err.splitlines()) == 1
