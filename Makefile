@@ -8,6 +8,8 @@ PROFILE   ?= default
 NOTEBOOKS ?= all
 DATASET   ?= chestmnist
 ARGS      ?=
+# CPU threads per notebook kernel (empty: $OMP_NUM_THREADS, else torch's default of all cores).
+THREADS   ?=
 STAMP     := $(VENV)/.cxrstudy-installed
 # `make lab` listens on loopback only unless you say otherwise.
 LAB_IP    ?= 127.0.0.1
@@ -23,6 +25,8 @@ help:
 	@echo "make test      unit, data and tiny notebook tests (set CXRSTUDY_DATA_ROOT for the real-data ones)"
 	@echo "make lab       JupyterLab on notebooks/ with the study's kernel [LAB_IP=127.0.0.1] [LAB_PORT=8888]"
 	@echo "make data DATASET=chestmnist|nih|chexpert|vindr"
+	@echo "make clean-results PROFILE=...  remove results/<PROFILE> (earlier runs in _previous/ too)"
+	@echo "THREADS=N  CPU threads per notebook kernel (make reproduce THREADS=2)"
 
 # The venv is (re)built when missing or when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -34,7 +38,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 reproduce: $(STAMP)
-	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(if $(THREADS),--threads $(THREADS)) $(ARGS)
 
 # Tables and results/<PROFILE>/index.html again from existing results, without training.
 report: $(STAMP)
@@ -49,5 +53,8 @@ lab: $(STAMP)
 data: $(STAMP)
 	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy data download $(DATASET) $(ARGS)
 
+# Removes one profile's outputs, its archived earlier runs (_previous/) included.
 clean-results:
-	@echo "results/ holds generated outputs; remove a profile by hand: rm -r results/<profile>"
+	@if [ -d "results/$(PROFILE)" ]; then \
+	  du -sh "results/$(PROFILE)" | sed 's/^/removing /'; rm -rf "results/$(PROFILE)"; \
+	else echo "nothing to remove: no results/$(PROFILE)"; fi

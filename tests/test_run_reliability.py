@@ -147,3 +147,43 @@ def test_ctrl_c_on_the_command_line_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("cxrstudy run: interrupted") and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+def test_threads_reach_the_kernels_environment(monkeypatch):
+    import cxrstudy.runner
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen["omp"] = os.environ.get("OMP_NUM_THREADS")
+        return []
+
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(cxrstudy.runner, "run_notebooks", record)
+    assert cli.main(["run", "00", "--profile", "tiny", "--threads", "2"]) == 0
+    assert seen["omp"] == "2" and os.environ["MKL_NUM_THREADS"] == "2"
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys\nfrom cxrstudy import cli\ntry:\n    cli.main(['run', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--threads N" in out.stdout and out.stdout.strip().endswith("False")
+
+
+def test_make_clean_results_removes_the_profile_and_its_archive():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    profile = f"pytest-clean-{os.getpid()}"
+    archived = repo / "results" / profile / "_previous" / "01_baseline-20261203" / "last.pt"
+    archived.parent.mkdir(parents=True)
+    archived.write_bytes(b"0" * 1024)
+    try:
+        out = subprocess.run(["make", "-s", "clean-results", f"PROFILE={profile}"], cwd=repo,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.startswith("removing") and not (repo / "results" / profile).exists()
+    finally:
+        import shutil
+        shutil.rmtree(repo / "results" / profile, ignore_errors=True)

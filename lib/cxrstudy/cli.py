@@ -10,8 +10,10 @@ import sys
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .data.availability import DataUnavailableError
-    from .runner import RunLockedError, run_notebooks
+    from .runner import RunLockedError, run_notebooks, set_threads
 
+    if args.threads is not None:
+        set_threads(args.threads)
     try:
         results = run_notebooks(args.notebooks, args.profile, args.param, force=args.force,
                                 results_dir=args.results, progress=not args.quiet)
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun even when outputs are up to date")
     run.add_argument("--results", default=None, help="results folder (default: ./results)")
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="CPU threads per kernel (sets OMP_NUM_THREADS; default: that variable, "
+                          "else torch's choice). On a shared machine use fewer than its cores")
     run.set_defaults(func=_cmd_run)
 
     report = sub.add_parser("report", help="regenerate the tables and results/<profile>/index.html "
@@ -142,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="check or download a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    from .data.check import add_check_arguments
-    from .data.download import add_download_arguments
+    from .arguments import add_check_arguments, add_download_arguments
 
     check = data_sub.add_parser("check", help="counts, prevalence, missing/corrupt files; exit 1 on problems")
     add_check_arguments(check).set_defaults(func=_cmd_data_check)

@@ -107,6 +107,19 @@ def absolute_data_root() -> None:
         os.environ[DATA_ROOT_ENV] = os.path.abspath(value)
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_threads(threads: int) -> None:
+    """CPU threads for every kernel started after this: torch sizes its pool from
+    ``OMP_NUM_THREADS`` at import. On a busy machine the default (all cores) collapses
+    throughput, so a shared machine wants fewer."""
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+
+
 def preflight_data(params: list[dict], log: Callable[[str], None]) -> None:
     """Every dataset the chosen notebooks name must be there (ChestMNIST is fetched) before
     any kernel starts; raises :class:`~cxrstudy.data.availability.DataUnavailableError`."""
@@ -219,7 +232,9 @@ def run_notebooks(
     if check_data:
         preflight_data([all_params[n] for n in chosen], log)
     results_dir = Path(results_dir) if results_dir else default_results_dir(log)
-    log(f"results: {(Path(results_dir) / profile).resolve()}")
+    log(f"results: {(Path(results_dir) / profile).resolve()}"
+        + (f"; threads per kernel: {os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
+           if os.environ.get("OMP_NUM_THREADS") else ""))
     fingerprints: dict[str, str] = {}
     failed: set[str] = set()
     results: list[NotebookResult] = []

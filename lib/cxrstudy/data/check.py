@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .base import CorruptImageError
+from ..arguments import add_check_arguments
 
 CHUNK = 256
 
@@ -158,16 +159,6 @@ def check_dataset(name: str, root=None, image_size: int | None = None, progress:
     report.checked = n
     report.image_shapes = dict(shapes.most_common())
     return report
-
-
-def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``cxrstudy data check`` (shared with the CLI)."""
-    parser.add_argument("name", help="dataset name (nih, chexpert, vindr, chestmnist, ...)")
-    parser.add_argument("--root", default=None,
-                        help="data root or dataset folder (default: $CXRSTUDY_DATA_ROOT)")
-    parser.add_argument("--image-size", dest="image_size", type=int, default=None)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser
 
 
 def main_check(args: argparse.Namespace | Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..arguments import add_download_arguments
 from .. import paths
 
 USER_AGENT = "cxrstudy/0.1 (python-urllib)"
@@ -453,19 +454,6 @@ def download(name: str, root=None, *, progress: bool = True, timeout: float = 30
               f"NIH folder {NIH_BOX_FOLDER}; put them in {folder} to use the official test split "
               f"(without them cxrstudy makes a seeded patient-level split).")
     return True
-
-
-def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``cxrstudy data download`` (shared with the CLI)."""
-    parser.add_argument("name", help="chestmnist, nih, chexpert or vindr")
-    parser.add_argument("--root", default=None, help="data root (default: $CXRSTUDY_DATA_ROOT)")
-    parser.add_argument("--size", dest="sizes", type=int, action="append", default=None,
-                        help="ChestMNIST size (28/64/128/224); repeat for several; default all")
-    parser.add_argument("--archive", dest="archives", action="append", default=None,
-                        help="NIH archive name, e.g. images_001.tar.gz; repeat; default all 12")
-    parser.add_argument("--keep-archives", action="store_true")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser
 
 
 def main_download(args: argparse.Namespace | Sequence[str] | None = None) -> int:

@@ -1,0 +1,34 @@
+"""Command-line arguments shared by ``cxrstudy`` and the modules' own entry points.
+
+They live outside :mod:`cxrstudy.data` so that building the parser (``cxrstudy --help``) imports
+neither torch nor the data adapters: help answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``cxrstudy data check``."""
+    parser.add_argument("name", help="dataset name (nih, chexpert, vindr, chestmnist, ...)")
+    parser.add_argument("--root", default=None,
+                        help="data root or dataset folder (default: $CXRSTUDY_DATA_ROOT)")
+    parser.add_argument("--image-size", dest="image_size", type=int, default=None)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``cxrstudy data download``."""
+    parser.add_argument("name", help="chestmnist, nih, chexpert or vindr")
+    parser.add_argument("--root", default=None, help="data root (default: $CXRSTUDY_DATA_ROOT)")
+    parser.add_argument("--size", dest="sizes", type=int, action="append", default=None,
+                        help="ChestMNIST size (28/64/128/224); repeat for several; default all")
+    parser.add_argument("--archive", dest="archives", action="append", default=None,
+                        help="NIH archive name, e.g. images_001.tar.gz; repeat; default all 12")
+    parser.add_argument("--keep-archives", action="store_true")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+__all__ = ["add_check_arguments", "add_download_arguments"]
