@@ -1,6 +1,7 @@
-"""GLoRI (CheXFound): tokens of the last blocks, frozen class queries, the decoder layer's
-attention, the group linear classifier, the linear probe, the ASL loss by hand, and checkpoint
-rebuilds."""
+"""GLoRI (CheXFound): tokens of the last blocks, frozen class queries, the decoder layer (the
+official post-norm order rebuilt from torch.nn, and the pre-norm option), its attention, the group
+linear classifier, the linear probe on 4 blocks' or the last CLS, the ASL loss by hand, and
+checkpoint rebuilds."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from cxrstudy.models import create_model
-from cxrstudy.models.glori import (GLoRI, CrossAttention, GroupLinear, LinearProbe, read_tokens)
+from cxrstudy.models.glori import (GLoRI, ClassQueryDecoderLayer, CrossAttention, GroupLinear,
+                                   LinearProbe, read_tokens)
 from cxrstudy.train import TrainConfig, Trainer, make_loss, seed_everything
 from cxrstudy.train.imbalance_losses import masked_asl
 
@@ -95,6 +97,104 @@ def test_group_linear_equals_one_linear_per_class():
     assert torch.allclose(group(x), expected, atol=1e-6)
 
 
+def test_group_linear_starts_xavier_normal_as_the_official_code():
+    torch.manual_seed(0)
+    group = GroupLinear(14, 2034)  # the official std √(2 / (F + C)) = 0.03125
+    assert group.weight.std().item() == pytest.approx(0.03125, rel=0.03)
+    assert torch.equal(group.bias, torch.zeros(14))
+
+
+def _official_layer_by_hand(ours: ClassQueryDecoderLayer) -> nn.ModuleDict:
+    """The official layer's parts as torch.nn primitives, carrying the weights of ``ours``."""
+    dim, ffn_dim = ours.norm_query.normalized_shape[0], ours.ffn[0].out_features
+    parts = nn.ModuleDict({
+        "norm1": nn.LayerNorm(dim), "norm2": nn.LayerNorm(dim), "norm3": nn.LayerNorm(dim),
+        "attn": nn.MultiheadAttention(dim, ours.cross_attention.num_heads),  # [L, B, d] layout
+        "linear1": nn.Linear(dim, ffn_dim), "linear2": nn.Linear(ffn_dim, dim)})
+    attn = ours.cross_attention
+    with torch.no_grad():
+        for mine, theirs in [(ours.norm_query, "norm1"), (ours.norm_ffn, "norm2"),
+                             (ours.norm_out, "norm3"), (ours.ffn[0], "linear1"),
+                             (ours.ffn[3], "linear2"), (attn.proj, None)]:
+            target = parts["attn"].out_proj if theirs is None else parts[theirs]
+            target.weight.copy_(mine.weight)
+            target.bias.copy_(mine.bias)
+        parts["attn"].in_proj_weight.copy_(torch.cat([attn.q.weight, attn.k.weight,
+                                                      attn.v.weight]))
+        parts["attn"].in_proj_bias.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
+    return parts.eval()
+
+
+def _randomise(module: nn.Module) -> None:
+    """Every parameter random (LayerNorm weights and biases included) so no part is trivial."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.ndim == 1 else 0.0))
+
+
+def test_post_norm_layer_is_the_official_order_built_from_torch_nn():
+    torch.manual_seed(0)
+    ours = ClassQueryDecoderLayer(16, num_heads=4, ffn_dim=24)  # norm="post" is the default
+    _randomise(ours)
+    ours.eval()
+    hand = _official_layer_by_hand(ours)
+    queries, memory = torch.randn(3, 5, 16), torch.randn(3, 7, 16)  # [B, C, d], [B, T, d]
+    out, attention = ours(queries, memory)
+    with torch.no_grad():
+        # the official forward: [C, B, d] sequences, each sub-layer's residual then its norm
+        tgt, mem = queries.transpose(0, 1), memory.transpose(0, 1)
+        tgt = hand["norm1"](tgt + tgt)  # tgt + dropout1(tgt), dropout off in eval
+        attended, weights = hand["attn"](tgt, mem, mem)
+        tgt = hand["norm2"](tgt + attended)
+        tgt = hand["norm3"](tgt + hand["linear2"](torch.relu(hand["linear1"](tgt))))
+    assert torch.allclose(out, tgt.transpose(0, 1), atol=1e-5)
+    assert torch.allclose(attention, weights, atol=1e-6)  # head-averaged, [B, C, T]
+
+
+def test_pre_norm_option_follows_its_own_formula_and_differs_from_post():
+    torch.manual_seed(0)
+    pre = ClassQueryDecoderLayer(16, num_heads=4, ffn_dim=24, norm="pre")
+    _randomise(pre)
+    pre.eval()
+    post = ClassQueryDecoderLayer(16, num_heads=4, ffn_dim=24).eval()
+    post.load_state_dict(pre.state_dict())  # one set of parameters for both orders
+    hand = _official_layer_by_hand(pre)
+    queries, memory = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    with torch.no_grad():
+        tgt, mem = queries.transpose(0, 1), memory.transpose(0, 1)
+        normed = hand["norm1"](tgt)
+        hidden = tgt + hand["attn"](normed, mem, mem)[0]
+        hidden = hidden + hand["linear2"](torch.relu(hand["linear1"](hand["norm2"](hidden))))
+        expected = hand["norm3"](hidden).transpose(0, 1)
+        out_pre, out_post = pre(queries, memory)[0], post(queries, memory)[0]
+    assert torch.allclose(out_pre, expected, atol=1e-5)
+    assert not torch.allclose(out_pre, out_post, atol=1e-2)
+    with pytest.raises(ValueError, match="norm"):
+        ClassQueryDecoderLayer(16, num_heads=4, norm="sandwich")
+
+
+def test_post_norm_adds_a_dropped_copy_of_the_queries_to_themselves():
+    torch.manual_seed(0)
+    layer = ClassQueryDecoderLayer(8, num_heads=2, ffn_dim=8, dropout=0.5)
+    queries, memory = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    seen = []
+    layer.norm_query.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        layer.eval()(queries, memory)
+        layer.train()(queries, memory)
+    assert torch.allclose(seen[0], 2 * queries)  # eval: Q + Q
+    ratio = seen[1] / queries  # training: Q + Drop(Q), each entry Q or Q + Q / (1 − 0.5)
+    assert torch.allclose(ratio, torch.where(ratio > 2, 3.0, 1.0), atol=1e-5)
+    assert (ratio > 2).any() and (ratio < 2).any()
+
+
+def test_glori_passes_decoder_norm_to_its_layer():
+    assert _glori().decoder.norm == "post"
+    assert _glori(decoder_norm="pre").decoder.norm == "pre"
+    with pytest.raises(ValueError, match="norm"):
+        _glori(decoder_norm="middle")
+
+
 def test_cross_attention_probabilities_sum_to_one_and_match_the_formula():
     torch.manual_seed(0)
     attn = CrossAttention(8, num_heads=1, dropout=0.5).train()  # dropout does not touch the map
@@ -161,6 +261,33 @@ def test_linear_probe_trains_only_its_linear_head_and_keeps_batchnorm_statistics
     assert torch.equal(stats, probe.backbone.bn1.running_mean)
 
 
+@pytest.mark.parametrize("n_blocks", [4, 2, 1])
+def test_linear_probe_reads_the_cls_tokens_glori_appends(n_blocks):
+    seed_everything(0)
+    probe = create_model("linear_probe", 3, image_size=32, n_blocks=n_blocks, **VIT).eval()
+    glori = _glori(n_blocks=n_blocks).eval()
+    glori.backbone.load_state_dict(probe.backbone.state_dict())
+    x = torch.rand(2, 1, 32, 32)
+    assert probe.head.in_features == 16 * n_blocks  # D = 16 per block
+    with torch.no_grad():
+        features = probe.features(x)
+        assert torch.allclose(features, glori.tokens(x).global_, atol=1e-6)
+        assert torch.allclose(probe(x), probe.head(features), atol=1e-6)
+        if n_blocks == 1:  # one block: timm's own pooled CLS (the ``linear_probe_last`` arm)
+            last = create_model("linear_probe", 3, image_size=32, n_blocks=None, **VIT).eval()
+            last.load_state_dict(probe.state_dict())
+            assert torch.allclose(last(x), probe(x), atol=1e-5)
+
+
+def test_probe_on_the_last_cls_is_smaller_by_the_extra_blocks():
+    seed_everything(0)
+    four = create_model("linear_probe", 3, image_size=32, **VIT)  # n_blocks=4 by default
+    last = create_model("linear_probe", 3, image_size=32, n_blocks=None, **VIT)
+    assert four.n_blocks == 4 and last.n_blocks is None
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(four) - count(last) == 3 * 16 * 3  # three more blocks × D × classes
+
+
 # ---- the loss ---------------------------------------------------------------------------------
 def _asl_by_hand(z, y, m, gamma_neg=4.0, gamma_pos=1.0, clip=0.05):
     total, count = 0.0, 0.0
@@ -204,7 +331,9 @@ def test_asl_matches_a_hand_computation_with_masks_and_an_all_negative_class():
 # ---- checkpoints ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, size, kwargs", [
     ("glori", 32, dict(VIT, **HEAD)),
+    ("glori", 32, dict(VIT, **HEAD, decoder_norm="pre")),
     ("linear_probe", 32, dict(VIT)),
+    ("linear_probe", 32, dict(VIT, n_blocks=None)),
 ])
 def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path, name, size, kwargs):
     from cxrstudy.evaluate import load_model_from_checkpoint
@@ -222,6 +351,9 @@ def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path, name, 
     assert type(rebuilt) is type(model)
     if name == "glori":
         assert torch.equal(rebuilt.class_queries, model.class_queries)
+        assert rebuilt.decoder.norm == kwargs.get("decoder_norm", "post")
+    else:
+        assert rebuilt.n_blocks == kwargs.get("n_blocks", 4)
     x = torch.rand(3, 1, size, size)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-6)

@@ -10,21 +10,30 @@ flattened to T = h·w tokens and ``n_blocks`` plays no part. Then
     M  = ReLU(M₀ W_in + b_in)                       [B, T, d]     d = ``decoder_dim`` (768)
     Q  ∈ R^{C×d}, random N(0, 1), frozen            one query per class (a buffer: saved in
                                                     state dicts and checkpoints, never trained)
-    H₁ = Q + Drop(CrossAttn(LN₁(Q), M))             8 heads (``decoder_heads``), dropout 0.1,
-                                                    no self-attention among the queries
-    H₂ = H₁ + FFN(LN₂(H₁)),  FFN = Lin(d→2048) → ReLU → Drop → Lin(2048→d) → Drop
-    O  = LN₃(H₂)                                    [B, C, d]
 
-Residuals: the paper lists LayerNorm → cross-attention → LayerNorm → FFN → LayerNorm; read
-here as a pre-norm decoder layer (the queries are the residual stream, each sub-layer sees a
-normalised input) closed by a final LayerNorm. Keys and values are M as projected (no norm).
+then one decoder layer, cross-attention only (8 heads, ``decoder_heads``; dropout 0.1; no
+self-attention among the queries), FFN = Lin(d→2048) → ReLU → Drop → Lin(2048→d) → Drop.
+``decoder_norm="post"`` (default) is the official code's layer (CheXFound's GLoRI keeps
+ML-Decoder's post-norm layer, including the dropout of the queries added to themselves):
+
+    X₀ = LN₁(Q + Drop(Q))
+    X₁ = LN₂(X₀ + Drop(CrossAttn(X₀, M)))
+    O  = LN₃(X₁ + FFN(X₁))                          [B, C, d]
+
+``decoder_norm="pre"`` is a pre-norm reading of the paper's list (LayerNorm → cross-attention
+→ LayerNorm → FFN → LayerNorm) that the study used before it followed the code: the queries are
+the residual stream, each sub-layer sees a normalised input, a final LayerNorm closes it:
+
+    H₁ = Q + Drop(CrossAttn(LN₁(Q), M));  H₂ = H₁ + FFN(LN₂(H₁));  O = LN₃(H₂)
+
+Both share one set of parameters (same state-dict keys). Keys and values are M as projected.
 
 Global features (``use_cls=True``): g = the CLS token of each of the same blocks, concatenated
 (n·D; mean of the patch tokens for a ViT without CLS token; the map's spatial mean for a CNN),
 is appended to every class output: O'_c = [O_c ; g]. Logits come from a group linear layer,
 a weight vector and bias of its own per class:
 
-    z_c = w_cᵀ O'_c + b_c
+    z_c = w_cᵀ O'_c + b_c          w_c ~ N(0, 2/(C + F)) (the code's Xavier normal), b_c = 0
 
 Attention maps. A_c = (1/heads) Σ_h softmax(q_{h,c} K_hᵀ / √d_h) ∈ R^T (before attention dropout,
 so each sums to 1 over the tokens). After every forward ``model.last_attention`` [B, C, T]
@@ -35,14 +44,17 @@ gradient.
 Backbone. ``freeze_backbone=True`` (the paper's setting: GLoRI on a frozen foundation model)
 turns off its gradients, keeps it in eval mode whatever ``model.train()`` says (BatchNorm
 statistics and dropout stay as pretrained) and runs it under ``no_grad``; False fine-tunes it.
-The loss of the paper is the asymmetric loss, ``make_loss("asl")``
-(:mod:`cxrstudy.train.imbalance_losses`).
+The official GLoRI command trains with masked BCE; its ``--focal-loss`` flag adds the
+asymmetric loss (:mod:`cxrstudy.studies.glori` chooses among them, ``glori_loss``).
 
-Also here: :class:`LinearProbe`, the frozen-backbone + linear-head arm to compare against.
+Also here: :class:`LinearProbe`, the frozen-backbone + linear-head arm to compare against. As in
+the official probe it reads the CLS tokens of the last ``n_blocks`` (4) blocks, the very global
+features GLoRI appends; ``n_blocks=None`` reads timm's pooled features (the last block's CLS).
 
 >>> create_model("glori", 14, image_size=224, backbone="deit_small", pretrained=True)
 >>> create_model("glori", 3, image_size=32, backbone="deit_tiny", patch_size=4, decoder_dim=64)
 >>> create_model("linear_probe", 14, image_size=224, backbone="deit_small", pretrained=True)
+>>> create_model("linear_probe", 14, image_size=224, backbone="deit_small", n_blocks=None)
 """
 from __future__ import annotations
 
@@ -174,12 +186,25 @@ class CrossAttention(nn.Module):
         return self.proj(attended), probs.mean(dim=1)
 
 
-class ClassQueryDecoderLayer(nn.Module):
-    """H₁ = Q + Drop(CrossAttn(LN₁(Q), M)); H₂ = H₁ + FFN(LN₂(H₁)); O = LN₃(H₂)."""
+DECODER_NORMS = ("post", "pre")
 
-    def __init__(self, dim: int, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1):
+
+class ClassQueryDecoderLayer(nn.Module):
+    """Class queries read the tokens: cross-attention, then an FFN (module docstring).
+
+    ``norm="post"`` (the official layer): X₀ = LN₁(Q + Drop(Q)); X₁ = LN₂(X₀ + Drop(A(X₀, M)));
+    O = LN₃(X₁ + FFN(X₁)). ``norm="pre"``: H₁ = Q + Drop(A(LN₁(Q), M)); H₂ = H₁ + FFN(LN₂(H₁));
+    O = LN₃(H₂). Returns O [B, C, d] and the head-averaged attention [B, C, T].
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1,
+                 norm: str = "post"):
         super().__init__()
+        if norm not in DECODER_NORMS:
+            raise ValueError(f"norm must be one of {DECODER_NORMS}, got {norm!r}")
+        self.norm = norm
         self.norm_query = nn.LayerNorm(dim)
+        self.drop_query = nn.Dropout(dropout)  # post only: Q + Drop(Q)
         self.cross_attention = CrossAttention(dim, num_heads, dropout)
         self.drop = nn.Dropout(dropout)
         self.norm_ffn = nn.LayerNorm(dim)
@@ -189,10 +214,18 @@ class ClassQueryDecoderLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.norm == "post":
+            hidden = self.norm_query(queries + self.drop_query(queries))
+            attended, attention = self.cross_attention(hidden, tokens)
+            hidden = self.norm_ffn(hidden + self.drop(attended))
+            return self.norm_out(hidden + self.ffn(hidden)), attention
         attended, attention = self.cross_attention(self.norm_query(queries), tokens)
         hidden = queries + self.drop(attended)
         hidden = hidden + self.ffn(self.norm_ffn(hidden))
         return self.norm_out(hidden), attention
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm!r}"
 
 
 class GroupLinear(nn.Module):
@@ -202,7 +235,8 @@ class GroupLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_groups, in_features))
         self.bias = nn.Parameter(torch.zeros(num_groups))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        # the official code's Xavier normal on its [C, F, 1] weight: std √(2 / (F + C))
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / (num_groups + in_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, F] → [B, C]
         return torch.einsum("bcf,cf->bc", x, self.weight) + self.bias
@@ -220,7 +254,8 @@ class GLoRI(_FrozenBackboneMixin, nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, dim: int = 768, num_heads: int = 8,
                  ffn_dim: int = 2048, dropout: float = 0.1, use_cls: bool = True,
-                 n_blocks: int = 4, norm_blocks: bool = True, freeze_backbone: bool = True):
+                 n_blocks: int = 4, norm_blocks: bool = True, freeze_backbone: bool = True,
+                 decoder_norm: str = "post"):
         super().__init__()
         self.backbone = backbone
         self.num_classes = int(num_classes)
@@ -229,7 +264,7 @@ class GLoRI(_FrozenBackboneMixin, nn.Module):
         width = token_width(backbone, self.n_blocks)
         self.input_proj = nn.Sequential(nn.Linear(width, dim), nn.ReLU())
         self.register_buffer("class_queries", torch.randn(self.num_classes, dim))
-        self.decoder = ClassQueryDecoderLayer(dim, num_heads, ffn_dim, dropout)
+        self.decoder = ClassQueryDecoderLayer(dim, num_heads, ffn_dim, dropout, decoder_norm)
         self.classifier = GroupLinear(self.num_classes, dim + (width if self.use_cls else 0))
         self.num_features = dim
         self.last_attention: torch.Tensor | None = None
@@ -271,23 +306,36 @@ class GLoRI(_FrozenBackboneMixin, nn.Module):
 
 
 class LinearProbe(_FrozenBackboneMixin, nn.Module):
-    """Frozen backbone, pooled features (timm's own pooling: CLS after the final norm for ViTs,
-    global average for CNNs) and one trainable Linear, initialised N(0, 0.01²), bias 0."""
+    """Frozen backbone, global features and one trainable Linear, initialised N(0, 0.01²), bias 0.
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    ``n_blocks`` (4, the official probe): the CLS tokens of the last ``n_blocks`` blocks, each
+    after the final norm, concatenated (n·D), the same global features GLoRI appends
+    (:func:`read_tokens`; a CNN's spatial mean, whatever ``n_blocks``). ``n_blocks=None``: timm's
+    own pooled features (a ViT's last-block CLS after the final norm, a CNN's global average).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, n_blocks: int | None = 4,
+                 norm_blocks: bool = True):
         super().__init__()
         self.backbone = backbone
         self.num_classes = int(num_classes)
-        self.num_features = int(backbone.num_features)
+        self.n_blocks = None if n_blocks is None else int(n_blocks)
+        self.norm_blocks = bool(norm_blocks)
+        self.num_features = (int(backbone.num_features) if self.n_blocks is None
+                             else token_width(backbone, self.n_blocks))
         self.head = nn.Linear(self.num_features, self.num_classes)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self._set_backbone_frozen(True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         with self._backbone_context():
-            features = self.backbone(x)
-        return self.head(features)
+            if self.n_blocks is None:
+                return self.backbone(x)
+            return read_tokens(self.backbone, x, self.n_blocks, self.norm_blocks).global_
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -299,26 +347,30 @@ def build_glori(num_classes, in_chans, image_size, pretrained=False, *,
                 backbone: str = "deit_small", decoder_dim: int = 768, decoder_heads: int = 8,
                 decoder_ffn_dim: int = 2048, decoder_dropout: float = 0.1, use_cls: bool = True,
                 n_blocks: int = 4, norm_blocks: bool = True, freeze_backbone: bool = True,
-                **backbone_kwargs) -> GLoRI:
+                decoder_norm: str = "post", **backbone_kwargs) -> GLoRI:
     """GLoRI on ``backbone`` (any timm ViT or CNN name). The head's settings carry a
-    ``decoder_`` prefix; ``pretrained`` and the remaining keyword arguments (e.g.
-    ``patch_size``, ``num_heads``, ``drop_path_rate``) go to the backbone."""
+    ``decoder_`` prefix (``decoder_norm``: "post", the official layer, or "pre");
+    ``pretrained`` and the remaining keyword arguments (e.g. ``patch_size``, ``num_heads``,
+    ``drop_path_rate``) go to the backbone."""
     inner = headless_backbone(backbone, num_classes, in_chans, image_size, pretrained,
                               **backbone_kwargs)
     return GLoRI(inner, num_classes, dim=decoder_dim, num_heads=decoder_heads,
                  ffn_dim=decoder_ffn_dim, dropout=decoder_dropout, use_cls=use_cls,
-                 n_blocks=n_blocks, norm_blocks=norm_blocks, freeze_backbone=freeze_backbone)
+                 n_blocks=n_blocks, norm_blocks=norm_blocks, freeze_backbone=freeze_backbone,
+                 decoder_norm=decoder_norm)
 
 
 @register_model("linear_probe")
 def build_linear_probe(num_classes, in_chans, image_size, pretrained=False, *,
-                       backbone: str = "deit_small", **backbone_kwargs) -> LinearProbe:
-    """A linear probe on the frozen ``backbone`` (the baseline arm for GLoRI)."""
+                       backbone: str = "deit_small", n_blocks: int | None = 4,
+                       norm_blocks: bool = True, **backbone_kwargs) -> LinearProbe:
+    """A linear probe on the frozen ``backbone`` (the baseline arm for GLoRI): the CLS tokens of
+    the last ``n_blocks`` blocks, or timm's pooled features with ``n_blocks=None``."""
     inner = headless_backbone(backbone, num_classes, in_chans, image_size, pretrained,
                               **backbone_kwargs)
-    return LinearProbe(inner, num_classes)
+    return LinearProbe(inner, num_classes, n_blocks=n_blocks, norm_blocks=norm_blocks)
 
 
 __all__ = ["BackboneTokens", "is_token_vit", "token_width", "read_tokens", "headless_backbone",
-           "CrossAttention", "ClassQueryDecoderLayer", "GroupLinear", "GLoRI", "LinearProbe",
-           "build_glori", "build_linear_probe"]
+           "CrossAttention", "DECODER_NORMS", "ClassQueryDecoderLayer", "GroupLinear", "GLoRI",
+           "LinearProbe", "build_glori", "build_linear_probe"]

@@ -2,11 +2,18 @@
 the long tail as prevalence buckets, label efficiency, and per-disease attention maps.
 
 Arms: ``fine_tune`` (the backbone and a linear head trained end to end), then on that backbone
-frozen: ``linear_probe``, ``glori`` (class queries over patch tokens) and ``glori_cls`` (plus the
-CLS/global features). The paper's backbone is a foundation model pretrained on a million CXRs;
-here ``backbone_weights="fine_tune"`` (the default, offline) freezes the backbone the
-``fine_tune`` arm trained on the same training patients, and ``"pretrained"`` uses timm's
-weights from the local cache.
+frozen: ``linear_probe`` (a linear head on the CLS tokens of the last 4 blocks: the global
+features ``glori_cls`` appends, as the official probe reads them), ``linear_probe_last`` (on the
+last block's CLS only), ``glori`` (class queries over patch tokens) and ``glori_cls`` (plus the
+CLS/global features). So ``glori_cls`` against ``linear_probe`` measures what the class queries
+add to the same global features, not 4× more of them. The paper's backbone is a foundation model
+pretrained on a million CXRs; here ``backbone_weights="fine_tune"`` (the default, offline)
+freezes the backbone the ``fine_tune`` arm trained on the same training patients, and
+``"pretrained"`` uses timm's weights from the local cache.
+
+Losses (:func:`glori_loss`): ``"bce"``, masked BCE, what the official GLoRI command trains with;
+``"bce+asl"``, the official ``--focal-loss`` flag that adds the asymmetric loss to it; ``"asl"``,
+the asymmetric loss alone. Every arm of a study is trained with the same loss.
 """
 from __future__ import annotations
 
@@ -18,9 +25,34 @@ import numpy as np
 import pandas as pd
 import torch
 
-ARMS = {"fine_tune": {}, "linear_probe": {}, "glori": {"use_cls": False},
+N_BLOCKS = 4  # blocks whose tokens GLoRI reads, and whose CLS tokens the probe reads
+ARMS = {"fine_tune": {}, "linear_probe": {"n_blocks": N_BLOCKS},
+        "linear_probe_last": {"n_blocks": None}, "glori": {"use_cls": False},
         "glori_cls": {"use_cls": True}}
 BUCKETS = ("head", "medium", "tail")
+GLORI_LOSSES = ("bce", "bce+asl", "asl")
+
+
+def glori_loss(name):
+    """The training loss named ``name`` (see module docstring); a callable passes through.
+
+    "bce+asl" is L = L_BCE + L_ASL, both masked means over the known labels (the official code
+    sums both over the batch: the same loss up to a constant factor).
+    """
+    from ..train import make_loss
+
+    if callable(name):
+        return name
+    if name not in GLORI_LOSSES:
+        raise ValueError(f"loss must be one of {GLORI_LOSSES}, got {name!r}")
+    if name != "bce+asl":
+        return make_loss(name)
+    bce, asl = make_loss("bce"), make_loss("asl")
+
+    def bce_plus_asl(logits, target, mask=None):
+        return bce(logits, target, mask) + asl(logits, target, mask)
+
+    return bce_plus_asl
 
 
 def prevalence_buckets(data) -> pd.DataFrame:
@@ -79,10 +111,14 @@ def save_backbone(run, out, tag: str) -> Path:
 
 def train_arms(data, out, arms: Sequence[str], *, backbone: str = "deit_small",
                backbone_weights: str = "fine_tune", backbone_kwargs: dict | None = None,
-               decoder_dim: int = 768, suffix: str = "", **train_kwargs) -> dict:
+               decoder_dim: int = 768, decoder_norm: str = "post", loss="bce", suffix: str = "",
+               **train_kwargs) -> dict:
     """Train ``arms`` (see module docstring) on ``data``; ``fine_tune`` first when the frozen
-    arms read its backbone. Returns arm → :class:`cxrstudy.experiment.RunResult`."""
+    arms read its backbone. ``decoder_norm`` ("post", the official layer, or "pre") goes to the
+    GLoRI arms, ``loss`` (:func:`glori_loss`) to every arm. Returns arm →
+    :class:`cxrstudy.experiment.RunResult`."""
     from ..experiment import train_and_evaluate
+    from ..models.glori import DECODER_NORMS
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -90,6 +126,9 @@ def train_arms(data, out, arms: Sequence[str], *, backbone: str = "deit_small",
     if backbone_weights not in ("fine_tune", "pretrained"):
         raise ValueError(f"backbone_weights must be 'fine_tune' or 'pretrained', "
                          f"got {backbone_weights!r}")
+    if decoder_norm not in DECODER_NORMS:
+        raise ValueError(f"decoder_norm must be one of {DECODER_NORMS}, got {decoder_norm!r}")
+    train_kwargs["loss"] = glori_loss(loss)
     extra = dict(backbone_kwargs or {})
     pretrained = backbone_weights == "pretrained"
     runs = {}
@@ -102,10 +141,10 @@ def train_arms(data, out, arms: Sequence[str], *, backbone: str = "deit_small",
     if frozen_arms and backbone_weights == "fine_tune":
         weights = str(save_backbone(runs["fine_tune"], out, f"fine_tune{suffix}"))
     for arm in frozen_arms:
-        name = "linear_probe" if arm == "linear_probe" else "glori"
+        name = "glori" if arm.startswith("glori") else "linear_probe"
         kwargs = dict(extra, backbone=backbone, **ARMS[arm])
         if name == "glori":
-            kwargs["decoder_dim"] = decoder_dim
+            kwargs.update(decoder_dim=decoder_dim, decoder_norm=decoder_norm, n_blocks=N_BLOCKS)
         runs[arm] = train_and_evaluate(name, data, out, tag=f"{arm}{suffix}", pretrained=weights,
                                        model_kwargs=kwargs, **train_kwargs)
     return {arm: runs[arm] for arm in arms}
@@ -164,5 +203,6 @@ def disease_maps(model, dataset, rows: Sequence[int]) -> dict:
     return {"images": images, "maps": picked.numpy(), "titles": titles, "boxes": boxes}
 
 
-__all__ = ["ARMS", "BUCKETS", "prevalence_buckets", "bucket_table", "with_training_fraction",
-           "save_backbone", "train_arms", "label_efficiency", "disease_maps"]
+__all__ = ["ARMS", "BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "glori_loss", "prevalence_buckets",
+           "bucket_table", "with_training_fraction", "save_backbone", "train_arms",
+           "label_efficiency", "disease_maps"]
