@@ -55,6 +55,35 @@ def test_arms_are_checked_before_any_training():
         study.train_arms(None, None, ["probe"])
     with pytest.raises(ValueError, match="backbone_weights"):
         study.train_arms(None, None, ["glori"], backbone_weights="imagenet")
+    with pytest.raises(ValueError, match="decoder_norm"):
+        study.train_arms(None, None, ["glori"], decoder_norm="middle")
+    with pytest.raises(ValueError, match="loss"):
+        study.train_arms(None, None, ["glori"], loss="focal")
+
+
+def test_probe_arms_read_four_blocks_or_the_last_cls():
+    assert study.ARMS["linear_probe"] == {"n_blocks": study.N_BLOCKS} and study.N_BLOCKS == 4
+    assert study.ARMS["linear_probe_last"] == {"n_blocks": None}
+
+
+def test_glori_losses_bce_asl_and_their_sum_by_hand():
+    logits = torch.tensor([[2.0, -1.0], [0.5, -3.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # three known entries
+    p = torch.sigmoid(logits)
+    bce = -(torch.log(p[0, 0]) + torch.log(1 - p[0, 1]) + torch.log(1 - p[1, 0])) / 3
+    shifted = (p - 0.05).clamp_min(0)  # ASL: γ+ = 1, γ− = 4, negatives shifted by 0.05
+    asl = -((1 - p[0, 0]) * torch.log(p[0, 0]) + shifted[0, 1] ** 4 * torch.log(1 - shifted[0, 1])
+            + shifted[1, 0] ** 4 * torch.log(1 - shifted[1, 0])) / 3
+    values = {name: study.glori_loss(name)(logits, target, mask).item()
+              for name in study.GLORI_LOSSES}
+    assert values["bce"] == pytest.approx(bce.item(), rel=1e-5)
+    assert values["asl"] == pytest.approx(asl.item(), rel=1e-5)
+    assert values["bce+asl"] == pytest.approx(bce.item() + asl.item(), rel=1e-5)
+    own = lambda z, y, m=None: z.sum()  # noqa: E731
+    assert study.glori_loss(own) is own
+    with pytest.raises(ValueError, match="loss"):
+        study.glori_loss("bce+focal")
 
 
 def test_disease_maps_pick_the_boxed_class():
