@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cxrstudy.models import create_model
-from cxrstudy.models.can import (CANOutput, CANTrainer, CrossAttentionNetwork, attention_loss)
+from cxrstudy.models.can import (CANOutput, CANTrainer, CrossAttentionNetwork, LogitEnsemble,
+                                 attention_loss)
 from cxrstudy.train import TrainConfig, Trainer, make_loss, seed_everything
 from cxrstudy.train.imbalance_losses import balance_weights, prevalence_pos_weight
 
@@ -149,6 +150,66 @@ def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path):
         assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-5)
 
 
+# ---- the control without attention: two networks, logits averaged ----------------------------
+def test_logit_ensemble_is_the_mean_of_the_two_networks_logits_by_hand():
+    seed_everything(0)
+    model = create_model("logit_ensemble", len(CLASSES), image_size=32,
+                         backbones=("test_resnet", "test_efficientnet")).eval()
+    assert isinstance(model, LogitEnsemble)
+    # fixed weights: every parameter set to a known function of its position
+    with torch.no_grad():
+        for k, p in enumerate(model.parameters()):
+            p.copy_(torch.linspace(-0.1, 0.1, p.numel()).reshape(p.shape) * (1 + k % 3))
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = model.networks[0]
+        z1 = first.fc(first.global_pool(first.forward_features(x)))  # timm's own head, by hand
+        z2 = model.networks[1](x)
+        logits = model(x)
+        out = model.forward_branches(x)
+    assert logits.shape == (2, 3) and not torch.allclose(z1, z2)
+    assert torch.allclose(logits, (z1 + z2) / 2, atol=1e-6)
+    assert torch.allclose(out.branch_logits[0], z1, atol=1e-6) and out.attention is None
+    # exactly the two networks trained alone: nothing added between them
+    alone = sum(sum(p.numel() for p in create_model(name, len(CLASSES), image_size=32).parameters())
+                for name in ("test_resnet", "test_efficientnet"))
+    assert sum(p.numel() for p in model.parameters()) == alone
+
+
+def test_the_ensemble_trains_on_cans_loss_without_the_attention_term(tmp_path):
+    from cxrstudy.evaluate import load_model_from_checkpoint
+
+    seed_everything(0)
+    model = create_model("logit_ensemble", len(CLASSES), image_size=32,
+                         backbones=("test_resnet", "test_resnet"))
+    config = TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0, cpu=True, progress=False,
+                         checkpoint_dir=str(tmp_path / "run"))
+    trainer = CANTrainer(model, config, loss_fn="bce", branch_weight=0.5, attention_weight=2.0,
+                         class_names=CLASSES)
+    batch = _batches(1, 32)[0]
+    mask = batch["mask"]
+
+    def bce(logits):
+        raw = F.binary_cross_entropy_with_logits(logits, batch["target"], reduction="none")
+        return (raw * mask).sum() / mask.sum()
+
+    model.train()  # batch statistics, as in the step (no augmentation, no dropout)
+    with torch.no_grad():
+        z1, z2 = (network(batch["image"]) for network in model.networks)
+    by_hand = bce((z1 + z2) / 2) + 0.5 * (bce(z1) + bce(z2)) / 2
+    loss = trainer.training_step(batch)
+    assert trainer.last_terms["attention"].item() == 0.0
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert not model.output_branches
+    history = trainer.fit(_batches(2, 32), _batches(1, 32, seed=1))
+    assert history["train_loss"].notna().all()
+    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "last.pt")
+    assert isinstance(rebuilt, LogitEnsemble) and meta["model_config"]["name"] == "logit_ensemble"
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-5)
+
+
 # ---- imbalance losses, by hand ------------------------------------------------------------------
 Z = torch.tensor([[2.0, -1.0, 0.5], [-0.3, -3.0, 1.5], [0.7, -2.0, -0.2], [-1.2, 0.3, 0.9]])
 Y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
@@ -259,3 +320,19 @@ def test_weight_files_load_only_when_they_fit(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         create_model("can", len(CLASSES), image_size=32, pretrained=str(path), channels=16,
                      **TWO_RESNETS)
+
+
+def test_ensemble_weight_files_load_only_when_they_fit(tmp_path):
+    seed_everything(0)
+    pair = dict(backbones=("test_resnet", "test_resnet"))
+    model = create_model("logit_ensemble", len(CLASSES), image_size=32, **pair).eval()
+    path = tmp_path / "ensemble.pt"
+    torch.save(model.state_dict(), path)
+    again = create_model("logit_ensemble", len(CLASSES), image_size=32, pretrained=str(path),
+                         **pair).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        create_model("logit_ensemble", len(CLASSES), image_size=32, pretrained=str(path),
+                     backbones=("test_resnet", "test_efficientnet"))

@@ -24,7 +24,7 @@ def small_kwargs(name: str) -> dict:
                 "decoder_ffn_dim": 64, "n_blocks": 2}
     if name == "linear_probe":
         return {"backbone": "deit_tiny", "patch_size": 8}
-    if name == "can":
+    if name in ("can", "logit_ensemble"):
         return {"backbones": ("resnet18", "efficientvit_m0")}
     if "deit" in name or "vit_small" in name:
         return {"patch_size": 8}

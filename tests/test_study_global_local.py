@@ -116,3 +116,62 @@ def test_can_arms_take_their_losses_and_weights_from_the_training_prevalence():
         pytest.approx(np.log(2))
     with pytest.raises(ValueError, match="can_balance"):
         can_study.arm_loss("can_dice", data)
+
+
+def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attending(monkeypatch):
+    import cxrstudy.experiment
+    from cxrstudy.models.can import CANTrainer
+
+    calls = {}
+
+    def record(model, data, out, **kwargs):
+        calls[kwargs["tag"]] = (model, kwargs)
+
+    monkeypatch.setattr(cxrstudy.experiment, "train_and_evaluate", record)
+    data = _data([[1, 0], [0, 1]], ["A", "B"])
+    for arm in ("single", "single_second", "ensemble", "can_bce"):
+        can_study.train_arm(arm, data, None, backbones=("resnet18", "efficientvit_m0"),
+                            can_options={"attention": "channel"}, branch_weight=0.5, epochs=1)
+    assert calls["single"][0] == "resnet18" and "trainer_cls" not in calls["single"][1]
+    assert calls["single_second"][0] == "efficientvit_m0"
+    model, ensemble = calls["ensemble"]
+    assert model == "logit_ensemble" and ensemble["trainer_cls"] is CANTrainer
+    assert ensemble["model_kwargs"] == {"backbones": ("resnet18", "efficientvit_m0")}  # no attention
+    model, can = calls["can_bce"]
+    assert model == "can" and can["model_kwargs"]["attention"] == "channel"
+    # the ensemble and CAN share the loss: the same class loss and the same branch weight
+    assert ensemble["trainer_kwargs"] == can["trainer_kwargs"]
+    assert ensemble["trainer_kwargs"]["branch_weight"] == 0.5
+    assert type(ensemble["loss"]) is type(can["loss"])
+
+
+def test_can_arms_read_alone_together_cross_attending_and_comparisons_by_hand():
+    assert can_study.ordered_arms(["can_balance", "ensemble", "single", "single_second"]) == [
+        "single", "single_second", "ensemble", "can_balance"]
+    with pytest.raises(ValueError, match="can_dice"):
+        can_study.ordered_arms(["single", "can_dice"])
+    targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=float)
+    masks = np.ones_like(targets)
+
+    def run(macro, micro, probs):
+        return SimpleNamespace(overall={"macro_auc": macro, "micro_auc": micro}, targets=targets,
+                               masks=masks, probs=np.asarray(probs, dtype=float))
+
+    good = [[0.9, 0.1], [0.2, 0.8], [0.7, 0.6], [0.1, 0.3]]
+    bad = [[0.4, 0.6], [0.5, 0.2], [0.3, 0.5], [0.6, 0.4]]
+    runs = {"single": run(0.70, 0.72, bad), "ensemble": run(0.80, 0.75, good),
+            "can_bce": run(0.85, 0.70, good)}
+    table = can_study.comparisons(runs).set_index("comparison")
+    # single_second did not run: its rows are left out; the rest in the order of COMPARISONS
+    assert list(table.index) == ["ensemble − single", "can_bce − ensemble", "can_bce − single"]
+    assert table.loc["can_bce − ensemble", "Δ macro AUC"] == pytest.approx(0.05)
+    assert table.loc["can_bce − ensemble", "Δ micro AUC"] == pytest.approx(-0.05)
+    assert "cross-attention" in table.loc["can_bce − ensemble", "isolates"]
+    assert "second network" in table.loc["ensemble − single", "isolates"]
+    # identical scores: DeLong cannot tell them apart; otherwise the pooled test of the pair
+    from cxrstudy.ablation import pooled_delong_p
+
+    assert table.loc["can_bce − ensemble", "DeLong p (micro)"] == pytest.approx(1.0)
+    assert table.loc["ensemble − single", "DeLong p (micro)"] == pytest.approx(
+        pooled_delong_p(targets, np.asarray(good), np.asarray(bad), masks))
+    assert table.loc["ensemble − single", "DeLong p (micro)"] < 0.05

@@ -15,7 +15,8 @@ output is a spatial map [B, C, h, w] that the logits still depend on position by
 * wrappers (distillation head, two-task head, linear probe) — their backbone's layer;
 * GLoRI — ``input_proj``: the projected tokens M the class queries attend over (all ``n_blocks``
   mixed, and the last layer before the class-specific decoder);
-* CAN — both networks' last layers; grad-cam averages the two maps (each min–max scaled).
+* CAN — both networks' last layers; grad-cam averages the two maps (each min–max scaled);
+  the same for its control without attention, the two-network logit ensemble;
 
 Every model must also return B×K logits and let gradients reach that layer:
 :class:`LogitsModel` sees to both (see there).
@@ -144,7 +145,7 @@ def _timm_types():
 
 
 def _register_defaults() -> None:
-    from ..models.can import CrossAttentionNetwork
+    from ..models.can import CrossAttentionNetwork, LogitEnsemble
     from ..models.distill import DistilledClassifier
     from ..models.glori import GLoRI, LinearProbe, is_token_vit
     from ..models.multitask import MultiTaskClassifier
@@ -213,6 +214,16 @@ def _register_defaults() -> None:
             raise TypeError(f"CAN over token backbones is not supported: {model_label(model)}")
         return CAMTarget([p.layers[0] for p in parts], None,
                          "both networks: " + " and ".join(f"backbones.{i}.{p.description}"
+                                                          for i, p in enumerate(parts)))
+
+    @register_target(LogitEnsemble)
+    def _logit_ensemble(model, size):
+        parts = [cam_target(n, size) for n in model.networks]
+        if any(p.reshape_transform is not None for p in parts):
+            raise TypeError(f"an ensemble of token networks is not supported: "
+                            f"{model_label(model)}")
+        return CAMTarget([p.layers[0] for p in parts], None,
+                         "both networks: " + " and ".join(f"networks.{i}.{p.description}"
                                                           for i, p in enumerate(parts)))
 
 

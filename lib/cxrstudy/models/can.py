@@ -35,7 +35,12 @@ loss (``attention_loss``):
                                          regions (needs separate attention convs)
     "sparsity": L_att = ½ (mean a₁ + mean a₂)   L1 on the maps (a ≥ 0): attend to few places
 
+The control that isolates the cross-attention is :class:`LogitEnsemble` (``"logit_ensemble"``):
+the same two networks, each with its own classifier, no attention between them, z = (z₁ + z₂)/2,
+trained by the same :class:`CANTrainer` loss (the attention term is absent: there are no maps).
+
 >>> create_model("can", 14, image_size=224, backbones=("resnet18", "densenet121"))
+>>> create_model("logit_ensemble", 14, image_size=224, backbones=("resnet18", "densenet121"))
 """
 from __future__ import annotations
 
@@ -54,11 +59,12 @@ ATTENTION_LOSSES = ("agree", "sparsity")
 
 
 class CANOutput(NamedTuple):
-    """Mean logits [B, C], the two branches' logits and attention maps [B, 1 or K, h, w]."""
+    """Mean logits [B, C], the two branches' logits and attention maps [B, 1 or K, h, w]
+    (None for :class:`LogitEnsemble`, which has no attention)."""
 
     logits: torch.Tensor
     branch_logits: tuple[torch.Tensor, torch.Tensor]
-    attention: tuple[torch.Tensor, torch.Tensor]
+    attention: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -145,6 +151,44 @@ class CrossAttentionNetwork(nn.Module):
         return names
 
 
+class LogitEnsemble(nn.Module):
+    """Two networks, each a whole classifier, whose logits are averaged: z = (z₁ + z₂) / 2.
+
+    CAN without the cross-attention, so that "CAN against one network" can be split into what a
+    second network adds (this model against each network alone) and what the attention adds
+    (CAN against this model: same networks, same loss, only the attention differs). Each branch
+    is the timm classifier itself (global pool and its own linear head), so the ensemble has
+    exactly the parameters of the two networks trained alone. ``forward`` returns z; with
+    ``output_branches`` set, a :class:`CANOutput` with ``attention=None`` (what
+    :class:`CANTrainer` reads for its branch term). State-dict keys: ``networks.{0,1}.*``.
+    """
+
+    def __init__(self, network_1: nn.Module, network_2: nn.Module):
+        super().__init__()
+        self.networks = nn.ModuleList([network_1, network_2])
+        classes = [getattr(network, "num_classes", None) for network in self.networks]
+        if None not in classes and classes[0] != classes[1]:
+            raise ValueError(f"the two networks give {classes[0]} and {classes[1]} logits; an "
+                             f"ensemble needs the same classes")
+        self.num_classes = classes[0]
+        self.output_branches = False
+
+    def forward_branches(self, x: torch.Tensor) -> CANOutput:
+        logits = tuple(network(x) for network in self.networks)
+        return CANOutput((logits[0] + logits[1]) / 2, logits, None)
+
+    def forward(self, x: torch.Tensor):
+        out = self.forward_branches(x)
+        return out if self.output_branches else out.logits
+
+    def no_weight_decay(self) -> set[str]:
+        names = set()
+        for i, network in enumerate(self.networks):
+            own = network.no_weight_decay() if hasattr(network, "no_weight_decay") else ()
+            names |= {f"networks.{i}.{name}" for name in own}
+        return names
+
+
 def attention_loss(attention: Sequence[torch.Tensor], kind: str = "agree") -> torch.Tensor:
     """L_att of the module docstring, in float32."""
     _choice("attention_loss", kind, ATTENTION_LOSSES)
@@ -186,9 +230,34 @@ def build_can(num_classes, in_chans, image_size, pretrained=False, *,
                                  residual=residual, dropout=dropout)
 
 
+@register_model("logit_ensemble")
+def build_logit_ensemble(num_classes, in_chans, image_size, pretrained=False, *,
+                         backbones: Sequence[str] = ("resnet18", "densenet121"),
+                         backbone_kwargs: dict | Sequence[dict] | None = None) -> LogitEnsemble:
+    """:class:`LogitEnsemble` of two networks, each ``create_model(name, ...)`` with its own
+    classifier. ``pretrained`` as for :func:`build_can`: True loads both networks' default
+    weights; a weight file must be ensemble weights (loaded by the factory), others are refused.
+    ``backbone_kwargs``: one dict for both networks or a pair of dicts."""
+    from .factory import create_model
+
+    names = _pair(backbones, "backbones")
+    extras = _pair(backbone_kwargs or {}, "backbone_kwargs")
+    if pretrained is not None and not isinstance(pretrained, bool):
+        raise ValueError(f"{pretrained} does not fit this ensemble exactly (other networks or "
+                         f"classes?); pass pretrained=True for the networks' own weights")
+    built = []
+    for name, extra in zip(names, extras):
+        network = create_model(name, num_classes, in_chans=in_chans, image_size=image_size,
+                               pretrained=bool(pretrained), **dict(extra or {}))
+        network.__dict__.pop("cxr_config", None)  # the ensemble's own config rebuilds it
+        built.append(network)
+    return LogitEnsemble(built[0], built[1])
+
+
 # ---- training ---------------------------------------------------------------------------------
 class CANTrainer(Trainer):
-    """Trains a :class:`CrossAttentionNetwork` on ``ℓ(z) + λ_b·½Σℓ(z_i) + λ_a·L_att``.
+    """Trains a :class:`CrossAttentionNetwork` on ``ℓ(z) + λ_b·½Σℓ(z_i) + λ_a·L_att``, or its
+    control :class:`LogitEnsemble` on the same loss without the attention term (it has no maps).
 
     ``branch_weight`` λ_b, ``attention_weight`` λ_a, ``attention_loss`` "agree"/"sparsity"
     (module docstring). These settings go into the checkpoints' ``train_config["can"]`` and a
@@ -200,13 +269,14 @@ class CANTrainer(Trainer):
                  branch_weight: float = 1.0, attention_weight: float = 0.1,
                  attention_loss: str = "agree", **trainer_kwargs):
         inner = getattr(model, "module", model)
-        if not isinstance(inner, CrossAttentionNetwork):
-            raise TypeError(f"CANTrainer trains a CrossAttentionNetwork, got "
+        if not isinstance(inner, (CrossAttentionNetwork, LogitEnsemble)):
+            raise TypeError(f"CANTrainer trains a CrossAttentionNetwork or a LogitEnsemble, got "
                             f"{type(inner).__name__}")
         _choice("attention_loss", attention_loss, ATTENTION_LOSSES)
         if float(branch_weight) < 0 or float(attention_weight) < 0:
             raise ValueError("branch_weight and attention_weight must not be negative")
-        if attention_loss == "agree" and attention_weight > 0 and inner.shared_attention:
+        if attention_loss == "agree" and attention_weight > 0 and \
+                getattr(inner, "shared_attention", False):
             raise ValueError("attention_loss='agree' compares two attention maps, but the model "
                              "shares one (shared_attention=True): use 'sparsity' or weight 0")
         self.branch_weight, self.attention_weight = float(branch_weight), float(attention_weight)
@@ -241,7 +311,8 @@ class CANTrainer(Trainer):
         target, mask = batch["target"], batch["mask"]
         mean_term = self.loss_fn(out.logits, target, mask)
         branch_term = sum(self.loss_fn(z, target, mask) for z in out.branch_logits) / 2
-        attention_term = attention_loss(out.attention, self.attention_loss)
+        attention_term = (mean_term.new_zeros(()) if out.attention is None
+                          else attention_loss(out.attention, self.attention_loss))
         total = mean_term + self.branch_weight * branch_term + \
             self.attention_weight * attention_term
         self.last_terms = {"mean": mean_term.detach(), "branches": branch_term.detach(),
@@ -250,4 +321,4 @@ class CANTrainer(Trainer):
 
 
 __all__ = ["ATTENTION_MODES", "ATTENTION_LOSSES", "CANOutput", "CrossAttentionNetwork",
-           "attention_loss", "build_can", "CANTrainer"]
+           "LogitEnsemble", "attention_loss", "build_can", "build_logit_ensemble", "CANTrainer"]
