@@ -196,3 +196,49 @@ def test_checkpoints_without_class_names_are_refused(trained_run, fake_dataset, 
     torch.save(payload, tmp_path / "nameless.pt")
     with pytest.raises(ValueError, match="no class names"):
         evaluate_checkpoint(tmp_path / "nameless.pt", "fake-test", root=root, progress=False)
+
+
+class SeededFakeDataset(FakePNGDataset):
+    """The same files without official splits: the split is drawn from the seed."""
+
+    name = "fake-seeded"
+
+    def __init__(self, root=None, image_size: int = 16, strict: bool = False):
+        super().__init__(root, image_size, strict)
+        self.records = self.records.drop(columns=["official_split"])
+
+
+def test_the_split_is_drawn_with_the_checkpoints_seed_and_overlap_is_warned(
+        trained_run, fake_dataset, tmp_path):
+    from cxrstudy.data.splits import assign_splits
+
+    run_dir, _ = trained_run
+    root, _ = fake_dataset
+    data.register_dataset("fake-seeded", SeededFakeDataset)
+    try:
+        payload = torch.load(run_dir / "best.pt", weights_only=True)
+        payload["train_config"]["seed"] = 7
+        run = tmp_path / "study" / "01_baseline"
+        (run / "checkpoints" / "net").mkdir(parents=True)
+        torch.save(payload, run / "checkpoints" / "net" / "best.pt")
+        full = SeededFakeDataset(root, MODEL_SIZE)
+        assignment = assign_splits(full, seed=7)
+        table = full.records[["image_id", "patient_id"]].assign(split=assignment)
+        table.to_csv(run / "splits.csv", index=False)
+
+        result = evaluate_checkpoint(run / "checkpoints" / "net", "fake-seeded", root=root,
+                                     n_boot=5, progress=False)
+        assert (result["split_seed"], result["split_seed_from"]) == (7, "checkpoint")
+        assert result["n_images"] == int((assignment == "test").sum())
+        assert result["training_patients_in_split"] == 0
+
+        # another seed draws other test patients, some of which the model trained on
+        with pytest.warns(UserWarning, match="training or validation split"):
+            other = evaluate_checkpoint(run / "checkpoints" / "net", "fake-seeded", root=root,
+                                        n_boot=5, seed=0, progress=False)
+        expected = set(table.loc[table["split"] != "test", "patient_id"].astype(str)) & set(
+            full.records.loc[assign_splits(full, seed=0) == "test", "patient_id"].astype(str))
+        assert other["split_seed_from"] == "--seed" and expected
+        assert other["training_patients_in_split"] == len(expected)
+    finally:
+        data._ADAPTERS.pop("fake-seeded", None)

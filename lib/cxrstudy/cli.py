@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, default=None)
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--n-boot", type=int, default=1000)
+    evaluate.add_argument("--seed", type=int, default=None,
+                          help="seed of the patient-level split (default: the checkpoint's own)")
     evaluate.add_argument("--out", default="metrics.json")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -105,9 +105,32 @@ def _write_json_atomically(path: Path, content: dict) -> None:
         raise
 
 
+def training_patients_in(dataset, checkpoint_path) -> int | None:
+    """How many patients of ``dataset`` the checkpoint's run trained or validated on, from the
+    run's ``splits.csv`` (``<run>/checkpoints/<tag>/best.pt`` → ``<run>/splits.csv``); None when
+    no such file is there. A non-zero count means the scores are optimistic: it is warned."""
+    import warnings
+
+    import pandas as pd
+
+    splits_file = Path(checkpoint_path).resolve().parent.parent.parent / "splits.csv"
+    if not splits_file.is_file():
+        return None
+    splits = pd.read_csv(splits_file, dtype={"image_id": str, "patient_id": str})
+    if not {"patient_id", "split"} <= set(splits.columns):
+        return None
+    seen = set(splits.loc[splits["split"].isin(["train", "val"]), "patient_id"])
+    overlap = seen & {str(p) for p in dataset.patient_ids}
+    if overlap:
+        warnings.warn(f"{len(overlap)} patients of the evaluated split were in the checkpoint's "
+                      f"training or validation split ({splits_file}); its scores are optimistic. "
+                      f"Pass the seed it was trained with (--seed) or another split.", stacklevel=2)
+    return len(overlap)
+
+
 def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "test",
                         image_size: int | None = None, out=None, batch_size: int = 64,
-                        n_boot: int = 1000, *, seed: int = 0, class_names=None,
+                        n_boot: int = 1000, *, seed: int | None = None, class_names=None,
                         overwrite: bool = False, use_ema: bool = True, device=None,
                         num_workers: int = 0, progress: bool = True, **dataset_options) -> dict:
     """Metrics of ``checkpoint`` on ``dataset_name``'s ``split``, written to ``out`` (JSON).
@@ -116,6 +139,12 @@ def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "
     the checkpoint's (needed only for checkpoints saved without them). ``dataset_options``
     go to :func:`cxrstudy.data.load_dataset` (e.g. ``uncertainty``, ``cache=True``).
     An existing ``out`` is replaced only with ``overwrite=True``.
+
+    The patient-level split is drawn with ``seed``; by default the seed the checkpoint was
+    trained with, so a model is scored on the split it was tested on, not partly on its own
+    training images. When the run's ``splits.csv`` sits beside its checkpoints, the evaluated
+    rows are checked against its training and validation patients, and any overlap is counted
+    in ``training_patients_in_split`` and warned about.
     """
     from .data import load_dataset
     from .data.labels import match_classes
@@ -134,8 +163,11 @@ def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "
         raise ValueError(f"{len(model_classes)} class names for a model with "
                          f"{meta['model_config']['num_classes']} outputs")
     size = int(image_size or meta["model_config"]["image_size"])
-    dataset = load_dataset(dataset_name, root=root, split=split, image_size=size,
+    trained_seed = (meta.get("train_config") or {}).get("seed")
+    split_seed = int(seed if seed is not None else trained_seed if trained_seed is not None else 0)
+    dataset = load_dataset(dataset_name, root=root, split=split, image_size=size, seed=split_seed,
                            progress=progress, **dataset_options)
+    seen = training_patients_in(dataset, meta["path"])
     pairs, only_model, only_dataset = match_classes(model_classes, dataset.classes)
     if not pairs:
         raise ValueError(f"no class of the model ({model_classes}) matches a class of "
@@ -150,7 +182,7 @@ def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "
     per_class, overall = summarize(
         outputs["targets"][:, dataset_columns], outputs["probs"][:, model_columns],
         classes=[d for _, d in pairs], mask=outputs["masks"][:, dataset_columns],
-        patient_ids=dataset.patient_ids[rows], n_boot=n_boot, seed=seed, progress=progress)
+        patient_ids=dataset.patient_ids[rows], n_boot=n_boot, seed=split_seed, progress=progress)
     per_class.insert(1, "model_class", [m for m, _ in pairs])
 
     result = json_ready({
@@ -159,6 +191,10 @@ def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "
         "model": meta["model_config"]["name"], "model_config": meta["model_config"],
         "dataset": dataset_name, "root": None if root is None else str(root), "split": split,
         "image_size": size, "n_images": int(len(rows)),
+        "split_seed": split_seed, "split_seed_from": ("--seed" if seed is not None else
+                                                      "checkpoint" if trained_seed is not None
+                                                      else "default 0"),
+        "training_patients_in_split": seen,
         "matched_classes": [{"model": m, "dataset": d} for m, d in pairs],
         "unmatched_model_classes": list(only_model),
         "unmatched_dataset_classes": list(only_dataset),
@@ -180,7 +216,8 @@ def main_evaluate(args) -> int:
             args.checkpoint, args.dataset, root=getattr(args, "root", None),
             split=getattr(args, "split", "test"), image_size=getattr(args, "image_size", None),
             out=getattr(args, "out", None), batch_size=getattr(args, "batch_size", 64),
-            n_boot=getattr(args, "n_boot", 1000), overwrite=getattr(args, "overwrite", False),
+            n_boot=getattr(args, "n_boot", 1000), seed=getattr(args, "seed", None),
+            overwrite=getattr(args, "overwrite", False),
             progress=not getattr(args, "quiet", False))
     except (FileNotFoundError, FileExistsError, DataNotFoundError, ValueError, KeyError) as exc:
         print(f"cxrstudy evaluate: {exc}", file=sys.stderr)
@@ -200,6 +237,10 @@ def main_evaluate(args) -> int:
     if result["unmatched_dataset_classes"]:
         print("  dataset classes the model does not predict: "
               + ", ".join(result["unmatched_dataset_classes"]))
+    print(f"  split drawn with seed {result['split_seed']} ({result['split_seed_from']})")
+    if result.get("training_patients_in_split"):
+        print(f"  warning: {result['training_patients_in_split']} of these patients were in the "
+              f"checkpoint's training/validation split: the scores are optimistic")
     if result.get("out"):
         print(f"  metrics written to {result['out']}")
     return 0
