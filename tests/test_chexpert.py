@@ -13,7 +13,7 @@ from cxrstudy.data import load_dataset
 from cxrstudy.data.chexpert import CheXpertDataset, apply_label_policies
 from cxrstudy.data.labels import CHEXPERT_CLASSES
 from cxrstudy.data.splits import assign_splits
-from cxrstudy.paths import DataNotFoundError
+from cxrstudy.paths import DataNotFoundError, dataset_dir
 
 XRV_DATA = Path(importlib.util.find_spec("torchxrayvision").submodule_search_locations[0]) / "data"
 PACKAGED = XRV_DATA / "chexpert_train.csv.gz"
@@ -119,6 +119,36 @@ def test_both_views_and_patient_level_split(raw):
     assignment = assign_splits(both, seed=0)
     table = pd.DataFrame({"p": both.records["patient_id"], "s": assignment})
     assert (table.groupby("p")["s"].nunique() == 1).all()
+
+
+def test_all_views_keep_every_row_and_frontal_keeps_fewer(raw):
+    """The MXA authors read the CSVs whole; views="all" does the same, views="frontal" does not."""
+    every = CheXpertDataset(csv_path=PACKAGED, labels_only=True, views="all")
+    assert len(every) == len(raw) == 223414
+    assert (every.records["view"] == "Lateral").sum() == (raw["Frontal/Lateral"] == "Lateral").sum()
+    assert {"LL", "RL"} <= set(every.records["view"])  # frontal rows without AP/PA kept too
+    frontal = CheXpertDataset(csv_path=PACKAGED, labels_only=True, views="frontal")
+    assert len(frontal) == 191010 < len(every)
+    assert set(frontal.records["view"]) == {"AP", "PA"}
+    explicit = CheXpertDataset(csv_path=PACKAGED, labels_only=True, views="all", ap_pa=("PA",))
+    assert len(explicit) == ((raw["Frontal/Lateral"] == "Lateral") | (raw["AP/PA"] == "PA")).sum()
+
+
+def test_the_real_valid_csv_is_234_images_with_all_views():
+    """The authors' test set: every image of valid.csv (where the real release is present)."""
+    try:
+        folder = dataset_dir("chexpert")
+    except DataNotFoundError:
+        pytest.skip("CXRSTUDY_DATA_ROOT is not set")
+    valid = folder / "valid.csv"
+    if not valid.is_file():
+        pytest.skip(f"{valid} is not here (CheXpert is not part of the shared data)")
+    raw_valid = pd.read_csv(valid)
+    every = CheXpertDataset(csv_path=valid, root=folder, labels_only=True, views="all")
+    frontal = CheXpertDataset(csv_path=valid, root=folder, labels_only=True, views="frontal")
+    assert len(every) == len(raw_valid) == 234
+    assert len(frontal) == ((raw_valid["Frontal/Lateral"] == "Frontal")
+                            & raw_valid["AP/PA"].isin(["AP", "PA"])).sum() < 234
 
 
 def fabricated_root(tmp_path: Path) -> Path:

@@ -21,6 +21,11 @@ and drops "No Finding", so neither policy below could be applied afterwards:
 
 The MXA paper trains with U-Ones and blanks as 0, the defaults here.
 valid.csv (expert-labelled, 0/1 only) becomes ``official_split = "test"``.
+
+Views: ``views="frontal"`` (the default) keeps the frontal AP and PA images; ``views="all"``
+keeps every row of the CSVs, lateral views and the few frontal "LL"/"RL" included, as a loader
+that reads the CSVs whole does (the MXA authors': their test set is all 234 images of
+valid.csv, 202 of them frontal).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from .labels import CHEXPERT_CLASSES
 UNCERTAINTY_POLICIES = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}
 BLANK_POLICIES = {"zeros": 0.0, "ignore": np.nan}
 VIEW_GROUPS = ("frontal", "lateral")
+FRONTAL_AP_PA = ("AP", "PA")  # what views="frontal" keeps by default
 _REQUIRED_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 _OFFICIAL_SPLIT = {"train": "train", "valid": "test", "test": "test"}
 # "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg": the prefix is stripped.
@@ -63,7 +69,7 @@ def _normalise_views(views) -> set[str]:
         return set(VIEW_GROUPS)
     unknown = wanted - set(VIEW_GROUPS)
     if unknown or not wanted:
-        raise ValueError(f"views must be a subset of {VIEW_GROUPS} (or 'both'), got {views!r}")
+        raise ValueError(f"views must be a subset of {VIEW_GROUPS} (or 'all'), got {views!r}")
     return wanted
 
 
@@ -114,8 +120,10 @@ def _existing_files(image_root: Path, top_folders: Sequence[str]) -> set[str]:
 class CheXpertDataset(CXRDataset):
     """CheXpert-v1.0-small: 14 observations (CHEXPERT_CLASSES, "No Finding" included).
 
-    ``views``: ``("frontal",)``, ``("lateral",)`` or ``"both"``. ``ap_pa`` keeps frontal
-    images of these AP/PA values (None = all frontal, including the few "LL"/"RL").
+    ``views``: ``"frontal"`` (or ``("frontal",)``), ``("lateral",)``, or ``"all"`` (also
+    ``"both"``). ``ap_pa`` keeps frontal images of these AP/PA values (None = all frontal,
+    including the few "LL"/"RL"); ``"auto"`` (the default) is ``("AP", "PA")`` when only frontal
+    views are kept and None otherwise, so ``views="all"`` keeps every image.
     ``csv_path`` reads that one CSV (train.csv format) instead of root's train.csv+valid.csv;
     its images are looked up under ``root`` (default: the CSV's folder).
     ``labels_only=True`` parses labels without looking for images (``read_image`` raises).
@@ -129,7 +137,7 @@ class CheXpertDataset(CXRDataset):
     def __init__(self, root=None, image_size: int = 224, strict: bool = False,
                  uncertainty: str = "u_ones", blank: str = "zeros",
                  views: Sequence[str] | str | None = ("frontal",),
-                 ap_pa: Sequence[str] | None = ("AP", "PA"),
+                 ap_pa: Sequence[str] | str | None = "auto",
                  csv_path=None, labels_only: bool = False):
         super().__init__(image_size=image_size, strict=strict)
         if uncertainty not in UNCERTAINTY_POLICIES:
@@ -140,6 +148,8 @@ class CheXpertDataset(CXRDataset):
         self.uncertainty, self.blank = uncertainty, blank
         self.labels_only = bool(labels_only)
         view_groups = _normalise_views(views)
+        if isinstance(ap_pa, str) and ap_pa == "auto":
+            ap_pa = FRONTAL_AP_PA if view_groups == {"frontal"} else None
 
         if csv_path is not None:
             csv_files = [Path(csv_path).expanduser()]
@@ -214,5 +224,5 @@ class CheXpertDataset(CXRDataset):
         self.validate()
 
 
-__all__ = ["CheXpertDataset", "apply_label_policies", "read_chexpert_csv",
+__all__ = ["CheXpertDataset", "apply_label_policies", "read_chexpert_csv", "FRONTAL_AP_PA",
            "UNCERTAINTY_POLICIES", "BLANK_POLICIES"]
