@@ -135,12 +135,24 @@ def test_glori_notebook_writes_arms_buckets_and_label_efficiency(tiny_results):
     root, _ = tiny_results
     folder = root / "05_glori"
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"fine_tune", "linear_probe", "glori", "glori_cls"}
-    assert metrics["loss"] == "asl" and metrics["backbone_weights"] == "fine_tune"
+    arms = ["fine_tune", "linear_probe", "linear_probe_last", "glori", "glori_cls"]
+    assert set(metrics["models"]) == set(arms)
+    # tiny keeps ASL (the notebook's default is the official masked BCE); the official decoder
+    assert metrics["loss"] == "asl" and metrics["decoder_norm"] == "post"
+    assert metrics["backbone_weights"] == "fine_tune" and metrics["probe_blocks"] == 4
+    settings = pd.read_csv(folder / "tables/arm_settings.csv")
+    assert list(settings["arm"]) == arms and set(settings["loss"]) == {"asl"}
+    assert list(settings["decoder norm"]) == ["—", "—", "—", "post", "post"]
     params = {k: m["params"] for k, m in metrics["models"].items()}
-    # the probes share the fine-tuned backbone; GLoRI adds its decoder, the CLS variant more inputs
-    assert params["linear_probe"] == params["fine_tune"] < params["glori"] < params["glori_cls"]
+    # every probe shares the fine-tuned backbone; the 1-block probe's head is fine_tune's (deit_tiny:
+    # 192 features → 14 classes), the 4-block probe's reads 3 × 192 more features; GLoRI adds its
+    # decoder, the CLS variant the same 4 × 192 global features per class
+    assert params["linear_probe_last"] == params["fine_tune"]
+    assert params["linear_probe"] - params["fine_tune"] == 3 * 192 * 14
+    assert params["glori_cls"] - params["glori"] == 4 * 192 * 14
+    assert params["linear_probe"] < params["glori"]
     assert {row["arm"] for row in metrics["auc_by_bucket"]} == set(params)
+    assert list(pd.read_csv(folder / "tables/arms.csv")["arm"]) == arms
     efficiency = pd.DataFrame(metrics["label_efficiency"])
     assert sorted(efficiency["fraction"].unique()) == [0.25, 1.0]
     quarter = efficiency[efficiency["fraction"] == 0.25]["train images"].iloc[0]

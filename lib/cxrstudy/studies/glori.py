@@ -55,6 +55,22 @@ def glori_loss(name):
     return bce_plus_asl
 
 
+def arm_settings(arms: Sequence[str], decoder_norm: str = "post", loss="bce") -> pd.DataFrame:
+    """What each arm trains and reads, with the decoder norm and loss it runs with: the table
+    that lets a reader check the prose against the runs."""
+    reads = {"fine_tune": "the whole network, end to end",
+             "linear_probe": f"CLS of the last {N_BLOCKS} blocks (frozen)",
+             "linear_probe_last": "CLS of the last block (frozen)",
+             "glori": f"patch tokens of the last {N_BLOCKS} blocks (frozen)",
+             "glori_cls": f"patch tokens + CLS of the last {N_BLOCKS} blocks (frozen)"}
+    heads = {"fine_tune": "linear", "linear_probe": "linear", "linear_probe_last": "linear",
+             "glori": "class queries", "glori_cls": "class queries + global features"}
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+    return pd.DataFrame([{"arm": arm, "head": heads[arm], "reads": reads[arm],
+                          "decoder norm": decoder_norm if arm.startswith("glori") else "—",
+                          "loss": name} for arm in arms])
+
+
 def prevalence_buckets(data) -> pd.DataFrame:
     """Classes ranked by training prevalence and cut in thirds: head, medium, tail.
 
@@ -203,6 +219,7 @@ def disease_maps(model, dataset, rows: Sequence[int]) -> dict:
     return {"images": images, "maps": picked.numpy(), "titles": titles, "boxes": boxes}
 
 
-__all__ = ["ARMS", "BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "glori_loss", "prevalence_buckets",
+__all__ = ["ARMS", "BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "glori_loss", "arm_settings",
+           "prevalence_buckets",
            "bucket_table", "with_training_fraction", "save_backbone", "train_arms",
            "label_efficiency", "disease_maps"]
