@@ -19,6 +19,8 @@ SIZE = 32  # the smallest size every registered model is built at here (ViTs wit
 def small_kwargs(name: str) -> dict:
     if name == "multitask":
         return {"backbone": "resnet18"}
+    if name == "sigmoid_output":
+        return {"backbone": "efficientvit_m0"}
     if name == "glori":
         return {"backbone": "deit_tiny", "patch_size": 8, "decoder_dim": 32,
                 "decoder_ffn_dim": 64, "n_blocks": 2}

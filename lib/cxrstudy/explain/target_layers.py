@@ -149,6 +149,7 @@ def _register_defaults() -> None:
     from ..models.distill import DistilledClassifier
     from ..models.glori import GLoRI, LinearProbe, is_token_vit
     from ..models.multitask import MultiTaskClassifier
+    from ..models.sigmoid_output import SigmoidOutput
 
     ResNet, DenseNet, EfficientVitMsra, VisionTransformer = _timm_types()
 
@@ -197,6 +198,10 @@ def _register_defaults() -> None:
     @register_target(LinearProbe)
     def _probe(model, size):
         return _inner(model, size, "backbone", "linear probe")
+
+    @register_target(SigmoidOutput)
+    def _sigmoid_output(model, size):  # 03's authors_baseline: a sigmoid after the backbone
+        return _inner(model, size, "backbone", "sigmoid output")
 
     @register_target(GLoRI)
     def _glori(model, size):

@@ -16,6 +16,7 @@ from .registry import ALIASES, STUDY_TIMM_MODELS, list_models, register_model, u
 from . import can, glori  # noqa: E402,F401  (registers can, glori, linear_probe)
 from . import multitask  # noqa: E402,F401  (registers deit_tiny_mt, deit_small_mt, vit_small_mt, multitask)
 from . import mxa  # noqa: E402,F401  (registers efficientvit_m0_mxa … efficientvit_m5_mxa)
+from .sigmoid_output import SigmoidOutput  # noqa: E402  (registers sigmoid_output)
 
 __all__ = ["create_model", "count_parameters", "register_model", "unregister_model",
            "list_models", "ALIASES", "STUDY_TIMM_MODELS", "PretrainedWeightsUnavailable",
@@ -23,4 +24,4 @@ __all__ = ["create_model", "count_parameters", "register_model", "unregister_mod
            "add_distillation_head", "is_distilled", "mxa", "AttentionRecorder", "TokenLayout",
            "patch_size_for", "token_layout", "MultiTaskClassifier", "MultiTaskOutput",
            "add_global_head", "is_multitask", "multitask", "glori", "can", "GLoRI", "LinearProbe",
-           "CANTrainer", "CrossAttentionNetwork"]
+           "CANTrainer", "CrossAttentionNetwork", "SigmoidOutput"]

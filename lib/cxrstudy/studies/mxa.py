@@ -1,5 +1,11 @@
 """The MXA study (Rand & Ibrahim, arXiv 2504.02277): its ablation arms, the paper's numbers, and
 the tables notebooks 02 and 03 show about the block (sizes, shapes, where the ROI boxes land).
+
+The arm ``authors_baseline`` reproduces the paper's baseline as the authors' public code trains
+it: a forward that ends in a sigmoid, fed to BCE-with-logits (a double sigmoid, see
+:mod:`cxrstudy.models.sigmoid_output`). Its loss cannot fall below a floor computable by hand,
+and the paper's 0.66 is that collapsed model; :func:`paper_gain_parts` splits the paper's +0.19
+into the bug and what MXA + KD add over a baseline trained correctly.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch
 
 from ..models import count_parameters, create_model
 from ..models.mxa import mxa_blocks
+from ..models.sigmoid_output import (NEGATIVE_FLOOR, POSITIVE_FLOOR, double_sigmoid_loss_floor)
 from ..report import reference
 
 # The paper's numbers live in params/paper_reference.yaml, each with its source; read once here.
@@ -23,23 +30,50 @@ PAPER_PARAMETERS_M: dict[str, dict[str, float]] = {}
 for _key, _value in reference.values_by_prefix("mxa", "params_m").items():  # <variant>.<with_mxa|without_mxa>
     _variant, _which = _key.split(".", 1)
     PAPER_PARAMETERS_M.setdefault(_variant, {})[_which.replace("_mxa", " MXA")] = _value
-#: Reported micro-AUC of the arms the paper gives (EfficientViT-M5 backbone).
+#: Reported micro-AUC of the arms the paper gives (EfficientViT-M5 backbone), by the paper's name.
 PAPER_MICRO_AUC = reference.values_by_prefix("mxa", "micro_auc")
+#: The paper's reported gain of M5 + MXA + KD over its baseline (0.85 − 0.66).
+PAPER_GAIN = round(PAPER_MICRO_AUC["mxa_kd"] - PAPER_MICRO_AUC["baseline"], 4)
+
+
+def paper_micro_auc_by_arm(notebook: str = "03_knowledge_distillation") -> dict[str, float]:
+    """The paper's micro AUCs keyed by the arm of ``notebook`` each belongs beside (the ``arms``
+    of its entry in params/paper_reference.yaml): the 0.66 baseline sits beside
+    ``authors_baseline``, the model that reproduces it, not beside our correctly trained one."""
+    found = {}
+    for entry in _PAPER["numbers"]:
+        if entry["key"].startswith("micro_auc.") and "value" in entry:
+            for spec in entry.get("arms", []):
+                source, _, arm = spec.partition("/")
+                if source == notebook:
+                    found[arm] = entry["value"]
+    return found
+
+
+#: The paper column of notebook 03's ablation table.
+PAPER_MICRO_AUC_BY_ARM = paper_micro_auc_by_arm()
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One ablation arm: the backbone with or without MXA, trained with or without KD."""
+    """One ablation arm: the backbone with or without MXA, trained with or without KD.
+
+    ``output="sigmoid"`` is the authors' forward, which ends in a sigmoid that the BCE-with-logits
+    loss then repeats; ``"logits"`` (every other arm) is the correct model.
+    """
 
     mxa: bool
     kd: bool
     crop: str = "faithful"
     mxa_mode: str = "sum"
     roi_init: str = "default"
+    output: str = "logits"
 
 
 ARMS = {
     "baseline": Arm(mxa=False, kd=False),
+    # the paper's baseline as the authors' code trains it: a double sigmoid that collapses
+    "authors_baseline": Arm(mxa=False, kd=False, output="sigmoid"),
     "mxa": Arm(mxa=True, kd=False),
     "kd": Arm(mxa=False, kd=True),
     "mxa_kd": Arm(mxa=True, kd=True),
@@ -54,12 +88,22 @@ def arm_model(arm: str, backbone: str = "efficientvit_m5") -> tuple[str, dict]:
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     spec = ARMS[arm]
+    if spec.output not in ("logits", "sigmoid"):
+        raise ValueError(f"arm {arm!r}: output must be 'logits' or 'sigmoid', got {spec.output!r}")
+    if spec.output == "sigmoid" and spec.kd:
+        # the authors' distilled student returns its two heads' logits in training, so the bug
+        # never reached their KD arms: there is nothing to reproduce
+        raise ValueError(f"arm {arm!r}: a sigmoid output is the authors' non-distilled model only")
     if not spec.mxa:
-        return backbone, {"distilled": True} if spec.kd else {}
-    kwargs = dict(mxa_mode=spec.mxa_mode, crop=spec.crop, roi_init=spec.roi_init)
-    if spec.kd:
-        kwargs["distilled"] = True
-    return f"{backbone}_mxa", kwargs
+        name, kwargs = backbone, ({"distilled": True} if spec.kd else {})
+    else:
+        name, kwargs = f"{backbone}_mxa", dict(mxa_mode=spec.mxa_mode, crop=spec.crop,
+                                               roi_init=spec.roi_init)
+        if spec.kd:
+            kwargs["distilled"] = True
+    if spec.output == "sigmoid":
+        return "sigmoid_output", dict(backbone=name, **kwargs)
+    return name, kwargs
 
 
 def arms_table(arms: Iterable[str]) -> pd.DataFrame:
@@ -108,6 +152,88 @@ def train_arm(arm: str, data, out, *, backbone: str = "efficientvit_m5",
         train_kwargs.update(trainer_cls=DistillationTrainer, trainer_kwargs=dict(
             teacher=teacher, alpha=alpha, tau=tau, mode=kd_mode))
     return train_and_evaluate(name, data, out, tag=arm, model_kwargs=model_kwargs, **train_kwargs)
+
+
+#: ``views`` of notebook 03: every image of the release, or frontal views only.
+VIEWS = ("all", "frontal")
+
+
+def view_options(dataset: str, views: str) -> dict:
+    """Adapter options that keep ``views`` of ``dataset`` (for :func:`~cxrstudy.experiment.prepare_data`).
+
+    CheXpert holds frontal and lateral images: ``"all"`` keeps every row of its CSVs, as the
+    authors' loader does (their test set is all 234 images of ``valid.csv``), ``"frontal"`` the
+    AP and PA images. NIH ChestX-ray14 (and ChestMNIST, made from it) hold frontal images only,
+    so both values keep every image there and nothing is passed.
+    """
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    return {"views": views} if dataset == "chexpert" else {}
+
+
+def authors_baseline_check(run, data) -> dict:
+    """The double sigmoid's loss floor on ``data``'s training labels beside what ``run`` reached.
+
+    ``loss_floor`` is the mean per-entry floor (:func:`double_sigmoid_loss_floor`): no epoch's
+    training loss can go below it when every label is known (``all_labels_known``), however
+    long the model trains. ``collapsed`` lists the classes whose test scores are all equal.
+    """
+    from ..ablation import constant_score_classes
+
+    targets, masks = np.asarray(data.train.targets), np.asarray(data.train.masks)
+    losses = run.history["train_loss"].astype(float)
+    return {"loss_floor": double_sigmoid_loss_floor(targets, masks),
+            "positive_floor": POSITIVE_FLOOR, "negative_floor": NEGATIVE_FLOOR,
+            "train_positive_rate": float(targets[masks > 0].mean()),
+            "all_labels_known": bool((masks > 0).all()),
+            "min_train_loss": float(losses.min()), "final_train_loss": float(losses.iloc[-1]),
+            "collapsed": constant_score_classes(run.probs, data.classes, run.masks)}
+
+
+_GAIN_STEPS = (
+    ("the double sigmoid (fixed)", "authors_baseline", "baseline", np.nan),
+    ("MXA + KD over a correct baseline", "baseline", "mxa_kd", np.nan),
+    ("the paper's comparison", "authors_baseline", "mxa_kd", PAPER_GAIN),
+)
+
+
+def paper_gain_parts(table: pd.DataFrame) -> pd.DataFrame:
+    """What the paper's +0.19 (M5 + MXA + KD over its baseline) is made of, on our arms.
+
+    From an :func:`cxrstudy.ablation.ablation_table`: the micro-AUC difference that fixing the
+    double sigmoid makes (authors_baseline → baseline), what MXA + KD add over a baseline trained
+    correctly (baseline → mxa_kd), and their sum, the paper's own comparison (authors_baseline →
+    mxa_kd) beside the paper's +0.19. Steps whose arms did not run are left out.
+    """
+    micro = table.set_index("arm")["micro AUC"]
+    rows = [{"step": step, "from": a, "to": b, "Δ micro AUC (ours)": float(micro[b] - micro[a]),
+             "paper Δ micro AUC": paper}
+            for step, a, b, paper in _GAIN_STEPS if a in micro.index and b in micro.index]
+    return pd.DataFrame(rows, columns=["step", "from", "to", "Δ micro AUC (ours)",
+                                       "paper Δ micro AUC"])
+
+
+def paper_gain_sentence(parts: pd.DataFrame) -> str:
+    """The decomposition of :func:`paper_gain_parts` in one plain sentence."""
+    delta = {(r["from"], r["to"]): r["Δ micro AUC (ours)"] for r in parts.to_dict("records")}
+    bug, method = delta.get(("authors_baseline", "baseline")), delta.get(("baseline", "mxa_kd"))
+    if bug is None:
+        return ("authors_baseline did not run, so the paper's gain cannot be split here: add it "
+                "to `arms`.")
+    text = (f"Training the same backbone without the double sigmoid changes micro AUC by "
+            f"{bug:+.3f} (authors_baseline → baseline)")
+    if method is None:
+        return text + "; mxa_kd did not run, so the part MXA + KD add is not measured here."
+    total = bug + method
+    if total > 0:
+        share = bug / total
+        verdict = (f"the bug accounts for {share:.0%} of it" if 0 <= share <= 1 else
+                   "the bug accounts for more than all of it (MXA + KD lose ground)"
+                   if share > 1 else "MXA + KD account for more than all of it")
+    else:
+        verdict = "no gain at all here"
+    return (text + f"; MXA + KD then add {method:+.3f} over that correct baseline. Together "
+            f"{total:+.3f}, the comparison the paper reports as {PAPER_GAIN:+.2f}: {verdict}.")
 
 
 RUN_PREFIX = "run:"
@@ -223,21 +349,41 @@ def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = Non
     """Per block, over the loader's images: how often the crop fell back to the whole map
     (empty or inverted box), the mean area actually cropped, and the mean predicted box."""
     student = _student(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        model(images.to(device))
+    finally:
+        model.train(was_training)
+    return {name: block.last_boxes.cpu().numpy() for name, block in mxa_blocks(student)}
+
+
+@torch.no_grad()
+def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = None
+                   ) -> pd.DataFrame:
+    """Per block, over the loader's images: how often the crop fell back to the whole map
+    (empty or inverted box), the mean area actually cropped, and the mean predicted box."""
+    student = _student(model)
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     fallback: dict[str, list] = {name: [] for name, _ in mxa_blocks(student)}
     area = {name: [] for name in fallback}
     predicted = {name: [] for name in fallback}
-    for b, batch in enumerate(loader):
-        if max_batches is not None and b >= max_batches:
-            break
-        model(batch["image"].to(device))
-        for name, block in mxa_blocks(student):
-            used = block.last_crop_boxes.float().cpu()
-            whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
-            fallback[name].append(torch.isclose(used, whole).all(dim=1))
-            area[name].append((used[:, 2] - used[:, 0]) * (used[:, 3] - used[:, 1]))
-            predicted[name].append(block.last_boxes.float().cpu())
+    try:
+        for b, batch in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            model(batch["image"].to(device))
+            for name, block in mxa_blocks(student):
+                used = block.last_crop_boxes.float().cpu()
+                whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
+                fallback[name].append(torch.isclose(used, whole).all(dim=1))
+                area[name].append((used[:, 2] - used[:, 0]) * (used[:, 3] - used[:, 1]))
+                predicted[name].append(block.last_boxes.float().cpu())
+    finally:
+        model.train(was_training)  # leave the model in the mode it came in
     rows = []
     for name in fallback:
         if not fallback[name]:
@@ -251,4 +397,6 @@ def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = Non
 
 
 __all__ = ["ARMS", "Arm", "PAPER", "PAPER_MICRO_AUC", "PAPER_PARAMETERS_M", "arm_model",
-           "arms_table", "parameter_counts", "train_arm", "prepare_teacher", "sibling_run", "block_shapes", "roi_boxes", "box_statistics"]
+           "arms_table", "parameter_counts", "train_arm", "prepare_teacher", "sibling_run", "block_shapes", "roi_boxes", "box_statistics",
+           "PAPER_GAIN", "PAPER_MICRO_AUC_BY_ARM", "paper_micro_auc_by_arm", "VIEWS",
+           "view_options", "authors_baseline_check", "paper_gain_parts", "paper_gain_sentence"]
