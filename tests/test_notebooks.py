@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cxrstudy.runner import run_notebooks
 
@@ -163,19 +164,33 @@ def test_glori_notebook_writes_arms_buckets_and_label_efficiency(tiny_results):
     assert (folder / "figures/disease_attention.png").stat().st_size > 1000
 
 
-def test_cross_attention_notebook_compares_losses_on_the_same_model(tiny_results):
+def test_cross_attention_notebook_separates_the_second_network_from_the_attention(tiny_results):
     root, _ = tiny_results
     folder = root / "06_cross_attention"
     metrics = json.loads((folder / "metrics.json").read_text())
-    arms = {"single", "can_bce", "can_weighted_bce", "can_focal", "can_asl", "can_balance"}
-    assert set(metrics["models"]) == arms
+    can_arms = ["can_bce", "can_weighted_bce", "can_focal", "can_asl", "can_balance"]
+    order = ["single", "single_second", "ensemble"] + can_arms
+    assert set(metrics["models"]) == set(order)
     params = {k: m["params"] for k, m in metrics["models"].items()}
-    assert len({params[a] for a in arms - {"single"}}) == 1  # only the loss differs
-    # two resnet18 networks with their own heads, plus one 1×1 attention conv (512 → 1) each
-    assert params["can_bce"] == 2 * params["single"] + 2 * (512 + 1)
+    assert len({params[a] for a in can_arms}) == 1  # only the loss differs
+    # tiny's two networks are both resnet18: the ensemble is exactly the two alone, CAN adds one
+    # 1×1 attention conv (512 → 1) per network and nothing else
+    assert params["single_second"] == params["single"]
+    assert params["ensemble"] == params["single"] + params["single_second"]
+    assert params["can_bce"] == params["ensemble"] + 2 * (512 + 1)
     table = pd.read_csv(folder / "tables/arms.csv")
+    assert list(table["arm"]) == order  # each alone, the two together, the two cross-attending
     assert table.loc[table["arm"] != "single", "DeLong p (micro)"].between(0, 1).all()
     for row in metrics["arms_table"]:
         low, high = (float(v) for v in row["macro 95% CI"].split("–"))
         assert low <= row["macro AUC"] <= high, row["arm"]
+    comparisons = pd.DataFrame(metrics["comparisons"]).set_index("comparison")
+    assert list(comparisons.index[:5]) == ["single_second − single", "ensemble − single",
+                                           "ensemble − single_second", "can_bce − ensemble",
+                                           "can_bce − single"]
+    macro = table.set_index("arm")["macro AUC"]
+    assert comparisons.loc["can_bce − ensemble", "Δ macro AUC"] == \
+        pytest.approx(macro["can_bce"] - macro["ensemble"])
+    assert comparisons["DeLong p (micro)"].between(0, 1).all()
+    assert (folder / "tables/comparisons.csv").is_file()
     assert (folder / "figures/cross_attention.png").stat().st_size > 1000
