@@ -1,4 +1,7 @@
 """The low-resolution study glue: token grids per size, one split at every size, deltas, maps."""
+import gzip
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,23 +37,61 @@ def test_every_size_holds_the_same_patients_in_each_split():
         assert a[0]["image"].shape == (1, 16, 16) and b[0]["image"].shape == (1, 32, 32)
 
 
-def test_class_groups_match_nih_and_chexpert_names():
-    assert study.class_group("Nodule") == study.class_group("Mass") == "small lesion"
-    assert study.class_group("Cardiomegaly") == "large finding"
-    assert study.class_group("Effusion") == study.class_group("Pleural Effusion") == "large finding"
-    assert study.class_group("Hernia") == "other"
+XRV_DATA = Path(importlib.util.find_spec("torchxrayvision").submodule_search_locations[0]) / "data"
 
 
-def _run(aucs):
+def _grouped(class_names):
+    groups = {}
+    for name in class_names:
+        groups.setdefault(study.class_group(name), set()).add(name)
+    return groups
+
+
+def test_class_groups_on_the_nih_sample_classes(nih_sample_root):
+    from cxrstudy.data.nih import NIHDataset
+
+    groups = _grouped(NIHDataset(root=nih_sample_root, image_size=32, labels_only=True).classes)
+    assert groups["small lesion"] == {"Nodule", "Mass"}
+    assert groups["large finding"] == {"Cardiomegaly", "Effusion"}
+    assert "Hernia" in groups["other"] and len(groups["other"]) == 10
+
+
+def test_class_groups_on_chexpert_csv_columns():
+    with gzip.open(XRV_DATA / "chexpert_train.csv.gz", "rt") as handle:
+        columns = handle.readline().strip().split(",")[5:]        # the 14 observations
+    groups = _grouped(columns)
+    assert groups["small lesion"] == {"Lung Lesion"}
+    assert groups["large finding"] == {"Cardiomegaly", "Pleural Effusion"}
+
+
+def test_class_groups_on_vindr_class_names():
+    import pandas as pd
+
+    # every class name the packaged VinDr annotations (torchxrayvision's copy) use
+    names = set(pd.read_csv(XRV_DATA / "vinbigdata-train.csv.gz", usecols=["class_name"])
+                ["class_name"]) - {"No finding"}
+    assert len(names) == 14
+    groups = _grouped(names)
+    assert groups["small lesion"] == {"Nodule/Mass"}
+    assert groups["large finding"] == {"Cardiomegaly", "Pleural effusion"}
+    table = study.class_groups(sorted(names)).set_index("group")
+    assert table.loc["small lesion", "classes"] == "Nodule/Mass"
+    assert list(table["count"]) == [1, 2, 11]
+
+
+def _run(aucs, teacher_input="high_res"):
     per_class = pd.DataFrame({"class": ["Nodule", "Cardiomegaly", "Hernia"], "auc": aucs})
     overall = {"macro_auc": float(np.mean(aucs)), "macro_auc_low": 0.1, "macro_auc_high": 0.9,
                "micro_auc": 0.6, "micro_auc_low": 0.5, "micro_auc_high": 0.7}
-    return SimpleNamespace(per_class=per_class, overall=overall, n_params=1e6, train_seconds=2.0)
+    return SimpleNamespace(per_class=per_class, overall=overall, n_params=1e6, train_seconds=2.0,
+                           extra={"teacher_input": teacher_input, "global_label": "no_finding"})
 
 
 def test_deltas_against_the_student_alone_by_hand():
-    runs = {("alone", 28): _run([0.60, 0.70, 0.50]), ("mlcak", 28): _run([0.64, 0.69, 0.50]),
-            ("logit_kd", 28): _run([0.58, 0.75, 0.52]), ("mlcak", 56): _run([0.9, 0.9, 0.9])}
+    runs = {("alone", 28): _run([0.60, 0.70, 0.50], None),
+            ("mlcak", 28): _run([0.64, 0.69, 0.50]),
+            ("logit_kd", 28): _run([0.58, 0.75, 0.52], "upsampled_lr"),
+            ("mlcak", 56): _run([0.9, 0.9, 0.9])}
     deltas = study.per_class_deltas(runs)
     # no "alone" run at 56 px: nothing to subtract, so that size is left out
     assert set(deltas["resolution"]) == {28}
@@ -63,6 +104,8 @@ def test_deltas_against_the_student_alone_by_hand():
     assert list(zip(table["arm"], table["resolution"])) == [
         ("alone", 28), ("logit_kd", 28), ("mlcak", 28), ("mlcak", 56)]
     assert table.loc[0, "macro AUC"] == pytest.approx(0.6)
+    assert list(table["teacher input"]) == [study.NO_TEACHER, "upsampled_lr", "high_res",
+                                            "high_res"]
 
 
 def test_student_arms_are_checked():
@@ -70,6 +113,37 @@ def test_student_arms_are_checked():
         study.train_student("kd", data=None, out=None, teacher=None)
     with pytest.raises(ValueError, match="teacher"):
         study.train_student("mlcak", data=SimpleNamespace(image_size=28), out=None, teacher=None)
+    teacher = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="needs teacher_data"):
+        study.train_student("logit_kd", data=SimpleNamespace(image_size=28), out=None,
+                            teacher=teacher)
+    with pytest.raises(ValueError, match="teacher_input must be one of high_res, upsampled_lr"):
+        study.train_student("mlcak", data=SimpleNamespace(image_size=28), out=None,
+                            teacher=teacher, teacher_input="original")
+
+
+def test_arms_record_the_teacher_input_and_global_label(tmp_path):
+    from cxrstudy.outputs import Outputs
+
+    data = study.prepare_resolutions("synthetic", None, [16, 32], seed=0, max_images=40,
+                                     progress=False, n_images=40, n_patients=20)
+    out = Outputs(tmp_path / "04")
+    common = dict(model="deit_tiny_mt", grid=4, epochs=1, batch_size=16, n_boot=5,
+                  progress=False, model_kwargs=dict(embed_dim=32, depth=2, num_heads=2))
+    teacher = study.train_teacher(data[32], out, **common)
+    runs = {("teacher", 32): teacher}
+    for arm, teacher_input in (("alone", "high_res"), ("logit_kd", "upsampled_lr"),
+                               ("mlcak", "high_res")):
+        runs[(arm, 16)] = study.train_student(arm, data[16], out, teacher=teacher.model,
+                                              teacher_data=data[32], teacher_input=teacher_input,
+                                              **common)
+    metrics = study.arm_metrics(runs)
+    assert {k: m["teacher_input"] for k, m in metrics.items()} == {
+        "teacher_32": None, "alone_16": None, "logit_kd_16": "upsampled_lr",
+        "mlcak_16": "high_res"}
+    assert {m["global_label"] for m in metrics.values()} == {"any_finding"}  # synthetic
+    assert set(study.resolution_table(runs)["teacher input"]) == {
+        study.NO_TEACHER, "upsampled_lr", "high_res"}
 
 
 def test_cls_attention_maps_cover_the_grid_in_unit_range():

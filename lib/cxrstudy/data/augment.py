@@ -235,16 +235,26 @@ class BatchAugment:
         field = field / peak * (2.0 * self.elastic_alpha)
         return field.permute(0, 2, 3, 1)
 
-    def warp(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Flip/rotate/translate/scale/crop (+ elastic) with one ``grid_sample``."""
+    def warp(self, images: torch.Tensor, params: Mapping[str, torch.Tensor],
+             drawn_at: tuple[int, int] | None = None) -> torch.Tensor:
+        """Flip/rotate/translate/scale/crop (+ elastic) with one ``grid_sample``.
+
+        ``drawn_at``: the (H, W) the elastic field belongs to when ``images`` are another
+        resolution of those rows (:meth:`paired`); the field, in normalised units, is made at
+        that size and resampled to this one, so both resolutions get the same displacement.
+        """
         b, _, h, w = images.shape
         theta = self.affine_theta(params, h, w).to(device=images.device, dtype=images.dtype)
         grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)
         elastic = params["elastic"].to(images.device)
         if self.elastic_p > 0 and bool(elastic.any()):
             chosen = elastic.nonzero()[:, 0]
-            field = self._elastic_field(len(chosen), h, w, int(params["noise_seed"]),
+            fh, fw = (h, w) if drawn_at is None else drawn_at
+            field = self._elastic_field(len(chosen), fh, fw, int(params["noise_seed"]),
                                         images.device, images.dtype)
+            if (fh, fw) != (h, w):
+                field = F.interpolate(field.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
+                                      align_corners=False).permute(0, 2, 3, 1)
             grid = grid.index_add(0, chosen, field)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode=self.padding_mode,
                              align_corners=False)
@@ -253,22 +263,56 @@ class BatchAugment:
         """Augment a float batch [B, C, H, W] (or a batch dict's ``image``)."""
         return _map_image(batch, self._augment)
 
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+    def paired(self, images: torch.Tensor, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Augment ``images`` and, with the same random draw, ``views``: the same rows at other
+        resolutions (e.g. a teacher's high-resolution copy of a student's batch).
+
+        ``images`` come out exactly as ``self(images)`` would from the same generator state.
+        Each view gets the same geometry (θ is in normalised coordinates, so it is the same
+        transform at any size; the elastic field is resampled from ``images``' size), the same
+        brightness/contrast, and a blur whose σ is scaled by the view's size over ``images``'.
+        """
+        self._check(images)
+        for view in views:
+            self._check(view)
+            if view.shape[:2] != images.shape[:2]:
+                raise ValueError(f"paired views must hold the same rows and channels as the "
+                                 f"images: {tuple(view.shape)} vs {tuple(images.shape)}")
+        if self.is_identity or images.shape[0] == 0:
+            return (images, *views)
+        params = self.sample_params(images.shape[0])
+        drawn_at = tuple(images.shape[-2:])
+        return (self._apply(images, params),
+                *(self._apply(view, params, drawn_at) for view in views))
+
+    @staticmethod
+    def _check(images: torch.Tensor) -> None:
         if images.ndim != 4 or not images.is_floating_point():
             raise TypeError(f"BatchAugment expects a float tensor [B, C, H, W], got "
                             f"{tuple(images.shape)} {images.dtype}")
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        self._check(images)
         if self.is_identity or images.shape[0] == 0:
             return images
-        params = self.sample_params(images.shape[0])
+        return self._apply(images, self.sample_params(images.shape[0]))
+
+    def _apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor],
+               drawn_at: tuple[int, int] | None = None) -> torch.Tensor:
+        """The sampled operations on ``images``; ``drawn_at``: see :meth:`paired`."""
+        if drawn_at is not None and tuple(drawn_at) == tuple(images.shape[-2:]):
+            drawn_at = None
         out = images
         if self.affine_enabled:
-            out = self.warp(out, params)
+            out = self.warp(out, params, drawn_at)
         elif self.hflip > 0:
             flip = params["flip"].to(out.device)[:, None, None, None]
             out = torch.where(flip, out.flip(-1), out)
         if self.blur_p > 0 and bool(params["blur"].any()):
             chosen = params["blur"].nonzero()[:, 0].to(out.device)
             sigma = params["blur_sigma"].to(device=out.device, dtype=out.dtype)[chosen]
+            if drawn_at is not None:  # σ is in pixels of the size it was drawn for
+                sigma = sigma * (images.shape[-2] / drawn_at[0])
             out = out.index_copy(0, chosen, _gaussian_blur(out.index_select(0, chosen), sigma))
         if self.brightness > 0 or self.contrast > 0:
             factor = params["contrast"].to(device=out.device, dtype=out.dtype)[:, None, None, None]

@@ -133,6 +133,16 @@ def parse_findings(findings: pd.Series, path: Path) -> np.ndarray:
     return labels
 
 
+def parse_no_finding(findings: pd.Series) -> np.ndarray:
+    """The release's own "No Finding" label per row, float32 [N]: 1 where the cell says
+    'No Finding' (which :func:`parse_findings` allows only alone), else 0."""
+    tokens = findings.fillna("").astype(str).reset_index(drop=True).str.split("|").explode()
+    tokens = tokens.str.strip()
+    keys = {t: canonical(t) for t in tokens.unique() if t}
+    hits = tokens.map(keys).eq(canonical(NIH_NO_FINDING))
+    return hits.groupby(level=0).any().to_numpy(dtype=np.float32)
+
+
 def read_box_file(path: Path) -> pd.DataFrame:
     """BBox_List_2017.csv -> boxes table (1024-px space), 'Infiltrate' -> 'Infiltration'."""
     rows = []
@@ -246,6 +256,8 @@ class NIHDataset(CXRDataset):
             "age": _parse_age(table["Patient Age"], self.label_file).to_numpy(),
             "follow_up": pd.to_numeric(table.get("Follow-up #"), errors="coerce").to_numpy()
                          if "Follow-up #" in table.columns else np.nan,
+            # the release's "No Finding" (1/0), e.g. for a normal-vs-abnormal task
+            "no_finding": parse_no_finding(table["Finding Labels"]),
         })
         for column in _SPLIT_HEADER_COLUMNS.values():
             if column in table.columns:
@@ -291,5 +303,5 @@ class NIHDataset(CXRDataset):
         self.validate()
 
 
-__all__ = ["NIHDataset", "read_label_file", "parse_findings", "read_box_file",
+__all__ = ["NIHDataset", "read_label_file", "parse_findings", "parse_no_finding", "read_box_file",
            "read_official_split", "index_images", "report_missing_images"]

@@ -107,6 +107,33 @@ def read_physionet_labels(path: Path, classes: list[str], aggregate: str):
         readers
 
 
+def no_finding_rule(no_finding_votes: np.ndarray, readers: np.ndarray, how: str) -> np.ndarray:
+    """The image's own "No finding" (float32 0/1) under the findings' reader rule: a reader who
+    did not mark "No finding" votes *abnormal*, and the image is abnormal by ``how`` of those
+    votes ("any": one reader is enough, so "No finding" needs all of them; "majority": more
+    than half)."""
+    abnormal = _aggregate((np.asarray(readers) - np.asarray(no_finding_votes))[:, None],
+                          np.asarray(readers), how)[:, 0]
+    return (1.0 - abnormal).astype(np.float32)
+
+
+def physionet_no_finding(path: Path, ids: np.ndarray, aggregate: str) -> np.ndarray:
+    """image_labels_*.csv -> the "No finding" label of each of ``ids`` (see
+    :func:`no_finding_rule`)."""
+    table = pd.read_csv(path, index_col=False)
+    id_col = _column(table, "image_id", path)
+    column = next((c for c in table.columns if canonical(c) == canonical(VINDR_NO_FINDING)),
+                  None)
+    if column is None:
+        raise ValueError(f"{path}: missing label column {VINDR_NO_FINDING!r}")
+    marks = pd.DataFrame({"image_id": table[id_col].astype(str).str.strip(),
+                          "mark": pd.to_numeric(table[column], errors="coerce").fillna(0.0)})
+    grouped = marks.groupby("image_id", sort=False)["mark"]
+    votes = grouped.sum().reindex(ids).to_numpy()
+    readers = grouped.size().reindex(ids).to_numpy()
+    return no_finding_rule(votes, readers, aggregate)
+
+
 def read_box_rows(path: Path, kaggle: bool = False) -> pd.DataFrame:
     """Annotation rows: image_id, rad_id, class (canonical VinDr name), coordinates.
 
@@ -151,6 +178,16 @@ def kaggle_labels(rows: pd.DataFrame, aggregate: str):
              .reindex(index=image_ids, columns=VINDR_KAGGLE_CLASSES, fill_value=0)
              .to_numpy())
     return np.asarray(image_ids, dtype=object), _aggregate(votes, readers, aggregate), readers
+
+
+def kaggle_no_finding(rows: pd.DataFrame, image_ids: np.ndarray, readers: np.ndarray,
+                      aggregate: str) -> np.ndarray:
+    """Kaggle rows -> the "No finding" label of each image (a vote = a reader's "No finding"
+    row; see :func:`no_finding_rule`)."""
+    normal = rows[rows["class"] == VINDR_NO_FINDING]
+    votes = (normal.groupby("image_id")["rad_id"].nunique()
+             .reindex(image_ids, fill_value=0).to_numpy())
+    return no_finding_rule(votes, readers, aggregate)
 
 
 def read_size_table(root: Path) -> dict[str, tuple[float, float]]:
@@ -257,7 +294,8 @@ class VinDrDataset(CXRDataset):
         physionet = self.root / "annotations" / "image_labels_train.csv"
         if csv_path is None and physionet.is_file():
             self.layout = "physionet"
-            ids, labels, readers, official, rows = self._parse_physionet(label_set, aggregate)
+            ids, labels, readers, official, rows, no_finding = self._parse_physionet(label_set,
+                                                                                   aggregate)
         elif kaggle_file is not None:
             self.layout = "kaggle"
             if label_set != "local":
@@ -268,13 +306,16 @@ class VinDrDataset(CXRDataset):
             self.classes = list(VINDR_KAGGLE_CLASSES)
             rows = read_box_rows(kaggle_file, kaggle=True)
             ids, labels, readers = kaggle_labels(rows, aggregate)
+            no_finding = kaggle_no_finding(rows, ids, readers, aggregate)
             official = None
         else:
             raise DataNotFoundError(f"no VinDr labels under {self.root}: expected "
                                     f"{physionet} (PhysioNet) or train.csv (Kaggle)")
 
         records = pd.DataFrame({"image_id": ids, "patient_id": ids, "view": "PA",
-                                "sex": None, "age": np.nan, "n_readers": readers})
+                                "sex": None, "age": np.nan, "n_readers": readers,
+                                # the release's "No finding" (1/0) under ``aggregate``
+                                "no_finding": no_finding})
         if official is not None:
             records["official_split"] = official
         if labels_only:
@@ -307,7 +348,8 @@ class VinDrDataset(CXRDataset):
             if not label_file.is_file():
                 continue
             ids, labels, readers = read_physionet_labels(label_file, self.classes, aggregate)
-            parts.append((ids, labels, readers, np.full(len(ids), split, dtype=object)))
+            parts.append((ids, labels, readers, np.full(len(ids), split, dtype=object),
+                          physionet_no_finding(label_file, ids, aggregate)))
             box_file = self.root / "annotations" / f"annotations_{split}.csv"
             if box_file.is_file():
                 box_rows.append(read_box_rows(box_file))
@@ -318,7 +360,7 @@ class VinDrDataset(CXRDataset):
         rows = pd.concat(box_rows, ignore_index=True) if box_rows else None
         return (ids, np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
-                rows)
+                rows, np.concatenate([p[4] for p in parts]))
 
     def _boxes(self, rows: pd.DataFrame | None) -> pd.DataFrame:
         """Box rows of classes in ``self.classes`` whose aggregated image label is positive."""
@@ -404,4 +446,5 @@ class VinDrDataset(CXRDataset):
 
 
 __all__ = ["VinDrDataset", "read_physionet_labels", "read_box_rows", "kaggle_labels",
+           "no_finding_rule", "physionet_no_finding", "kaggle_no_finding",
            "read_dicom", "LABEL_SETS", "AGGREGATES"]

@@ -3,7 +3,9 @@ normal-vs-abnormal logit.
 
     f        = pool(backbone(x))        (timm: forward_head(forward_features(x), pre_logits=True))
     z_local  = head(f)          [B, C]  the backbone's own classifier: the dataset's findings
-    z_global = head_global(f)   [B]     one logit: abnormal (any finding) vs normal
+    z_global = head_global(f)   [B]     one logit: abnormal vs normal (the release's own
+                                        "No finding" where it has one, else "any finding";
+                                        :func:`cxrstudy.train.mlcak.dataset_global_labels`)
     train:  MultiTaskOutput(z_local, z_global)
     eval:   z_local                     so validation, predict and evaluation see [B, C] logits
 

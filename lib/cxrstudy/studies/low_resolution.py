@@ -5,6 +5,12 @@ Arms per student resolution, differing only in distillation (:class:`cxrstudy.tr
 ``alone`` (no teacher), ``logit_kd`` (α, β; γ = 0) and ``mlcak`` (α, β, γ). Beside them, the
 EfficientViT-M hybrid trained plainly at each resolution. The paper's numbers are not public in
 our sources, so nothing here is compared with them.
+
+The distilled arms feed the teacher the same training rows at its own resolution
+(``teacher_input="high_res"``, from the teacher's :class:`~cxrstudy.experiment.StudyData`) or
+the student's batch upsampled (``"upsampled_lr"``); each run records which in
+``run.extra["teacher_input"]`` and the global label's rule in ``run.extra["global_label"]``
+(:mod:`cxrstudy.train.mlcak`).
 """
 from __future__ import annotations
 
@@ -16,11 +22,17 @@ import torch
 
 from ..data.labels import canonical
 from ..models import AttentionRecorder, patch_size_for, token_layout
+from ..train.mlcak import DEFAULT_GAMMA
 
 ARMS = ("alone", "logit_kd", "mlcak")
-#: Findings that occupy a few pixels at 28 px, and findings that fill a large part of the film.
-SMALL_LESIONS = ("Nodule", "Mass")
-LARGE_FINDINGS = ("Cardiomegaly", "Effusion")
+#: Findings that occupy a few pixels at 28 px, by each release's name (matched by
+#: :func:`~cxrstudy.data.labels.canonical` name): NIH/ChestMNIST "Nodule" and "Mass", CheXpert
+#: "Lung Lesion" (its nodules and masses), VinDr-CXR "Nodule/Mass".
+SMALL_LESIONS = ("Nodule", "Mass", "Lung Lesion", "Nodule/Mass")
+#: Findings that fill a large part of the film: "Cardiomegaly" in all three, and the effusion,
+#: spelled "Effusion" (NIH), "Pleural Effusion" (CheXpert), "Pleural effusion" (VinDr-CXR).
+LARGE_FINDINGS = ("Cardiomegaly", "Effusion", "Pleural Effusion", "Pleural effusion")
+NO_TEACHER = "—"
 
 
 def prepare_resolutions(dataset: str, data_root, sizes: Iterable[int], **prepare_kwargs
@@ -66,43 +78,89 @@ def token_grids(sizes: Iterable[int], grid: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def train_teacher(data, out, *, model: str = "deit_small_mt", grid: int = 14, **train_kwargs):
-    """The two-task ViT teacher at the data's (highest) resolution, trained alone."""
+def train_teacher(data, out, *, model: str = "deit_small_mt", grid: int = 14,
+                  global_label: str = "no_finding", model_kwargs: dict | None = None,
+                  **train_kwargs):
+    """The two-task ViT teacher at the data's (highest) resolution, trained alone
+    (``model_kwargs``: more options of the ViT beside the patch size)."""
     from ..experiment import train_and_evaluate
-    from ..train import MLCAKTrainer
+    from ..train.mlcak import MLCAKTrainer, dataset_global_labels
 
-    return train_and_evaluate(model, data, out, tag=f"teacher_{data.image_size}",
-                              model_kwargs=vit_kwargs(data.image_size, grid),
-                              trainer_cls=MLCAKTrainer, trainer_kwargs={"teacher": None},
-                              **train_kwargs)
+    labels = dataset_global_labels(data.train, global_label)
+    run = train_and_evaluate(model, data, out, tag=f"teacher_{data.image_size}",
+                             model_kwargs=dict(vit_kwargs(data.image_size, grid),
+                                               **(model_kwargs or {})),
+                             trainer_cls=MLCAKTrainer,
+                             trainer_kwargs={"teacher": None, "global_label": labels},
+                             **train_kwargs)
+    run.extra.update(teacher_input=None, global_label=labels.rule)
+    return run
 
 
-def train_student(arm: str, data, out, *, teacher, model: str = "deit_small_mt", grid: int = 14,
-                  alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                  attention_levels: int = 3, align: str = "interpolate", **train_kwargs):
-    """One student arm at the data's resolution (see module docstring)."""
+def train_student(arm: str, data, out, *, teacher, teacher_data=None,
+                  teacher_input: str = "high_res", global_label: str = "no_finding",
+                  model: str = "deit_small_mt", grid: int = 14, alpha: float = 1.0,
+                  beta: float = 1.0, gamma: float = DEFAULT_GAMMA, attention_levels: int = 3,
+                  align: str = "interpolate", model_kwargs: dict | None = None, **train_kwargs):
+    """One student arm at the data's resolution (see module docstring).
+
+    ``teacher_data``: the :class:`~cxrstudy.experiment.StudyData` at the teacher's resolution
+    (same split as ``data``), whose training split the teacher reads with
+    ``teacher_input="high_res"``; ``"upsampled_lr"`` needs none.
+    """
     from ..experiment import train_and_evaluate
-    from ..train import MLCAKTrainer
+    from ..train.mlcak import TEACHER_INPUTS, MLCAKTrainer, dataset_global_labels
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    settings = {"alone": dict(teacher=None),
-                "logit_kd": dict(teacher=teacher, alpha=alpha, beta=beta, gamma=0.0),
-                "mlcak": dict(teacher=teacher, alpha=alpha, beta=beta, gamma=gamma,
-                              attention_levels=attention_levels, align=align)}[arm]
     if arm != "alone" and teacher is None:
         raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
-    return train_and_evaluate(model, data, out, tag=f"{arm}_{data.image_size}",
-                              model_kwargs=vit_kwargs(data.image_size, grid),
-                              trainer_cls=MLCAKTrainer, trainer_kwargs=settings, **train_kwargs)
+    if teacher_input not in TEACHER_INPUTS:
+        raise ValueError(f"teacher_input must be one of {', '.join(TEACHER_INPUTS)}, "
+                         f"got {teacher_input!r}")
+    if arm != "alone" and teacher_input == "high_res" and teacher_data is None:
+        raise ValueError(f"arm {arm!r} with teacher_input='high_res' needs teacher_data (the "
+                         f"data at the teacher's resolution)")
+    distil = dict(teacher=teacher, alpha=alpha, beta=beta, teacher_input=teacher_input,
+                  teacher_data=None if teacher_input != "high_res" else teacher_data.train)
+    settings = {"alone": dict(teacher=None),
+                "logit_kd": dict(distil, gamma=0.0),
+                "mlcak": dict(distil, gamma=gamma, attention_levels=attention_levels,
+                              align=align)}[arm]
+    labels = dataset_global_labels(data.train, global_label)
+    run = train_and_evaluate(model, data, out, tag=f"{arm}_{data.image_size}",
+                             model_kwargs=dict(vit_kwargs(data.image_size, grid),
+                                               **(model_kwargs or {})),
+                             trainer_cls=MLCAKTrainer,
+                             trainer_kwargs=dict(settings, global_label=labels), **train_kwargs)
+    run.extra.update(teacher_input=None if arm == "alone" else teacher_input,
+                     global_label=labels.rule)
+    return run
+
+
+def arm_metrics(runs: Mapping[tuple[str, int], object]) -> dict[str, dict]:
+    """:func:`cxrstudy.experiment.run_metrics` keyed ``<arm>_<size>``, plus each run's
+    ``teacher_input`` (None: no teacher) and ``global_label`` rule (None: no global task)."""
+    from ..experiment import run_metrics
+
+    keyed = {f"{arm}_{size}": run for (arm, size), run in runs.items()}
+    metrics = run_metrics(keyed)
+    for key, run in keyed.items():
+        metrics[key]["teacher_input"] = run.extra.get("teacher_input")
+        metrics[key]["global_label"] = run.extra.get("global_label")
+    return metrics
 
 
 def resolution_table(runs: Mapping[tuple[str, int], object]) -> pd.DataFrame:
-    """One row per (arm, resolution): macro and micro AUC with 95% CIs, size, time."""
+    """One row per (arm, resolution): the teacher's input (— without a teacher), macro and
+    micro AUC with 95% CIs, size, time."""
     rows = []
     for (arm, size), run in runs.items():
         o = run.overall
-        rows.append({"arm": arm, "resolution": int(size), "params (M)": run.n_params / 1e6,
+        extra = getattr(run, "extra", None) or {}
+        rows.append({"arm": arm, "resolution": int(size),
+                     "teacher input": extra.get("teacher_input") or NO_TEACHER,
+                     "params (M)": run.n_params / 1e6,
                      "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
                      "macro high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
                      "micro low": o.get("micro_auc_low"), "micro high": o.get("micro_auc_high"),
@@ -111,12 +169,23 @@ def resolution_table(runs: Mapping[tuple[str, int], object]) -> pd.DataFrame:
 
 
 def class_group(name: str) -> str:
+    """"small lesion", "large finding" or "other", by canonical name (any release's spelling)."""
     key = canonical(name)
     if key in {canonical(c) for c in SMALL_LESIONS}:
         return "small lesion"
     if key in {canonical(c) for c in LARGE_FINDINGS}:
         return "large finding"
     return "other"
+
+
+def class_groups(class_names: Sequence[str]) -> pd.DataFrame:
+    """The dataset's classes in each group (the small-vs-large table's denominators)."""
+    groups = {}
+    for name in class_names:
+        groups.setdefault(class_group(name), []).append(name)
+    return pd.DataFrame([{"group": group, "classes": ", ".join(groups.get(group, [])) or "—",
+                          "count": len(groups.get(group, []))}
+                         for group in ("small lesion", "large finding", "other")])
 
 
 def per_class_deltas(runs: Mapping[tuple[str, int], object], reference: str = "alone",
@@ -160,6 +229,7 @@ def cls_attention(model: torch.nn.Module, images: torch.Tensor, layer: int = -1)
     return ((cls_row - low) / (high - low).clamp_min(1e-12)).numpy()
 
 
-__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "prepare_resolutions", "vit_kwargs", "token_grids",
-           "train_teacher", "train_student", "resolution_table", "class_group",
-           "per_class_deltas", "group_deltas", "cls_attention"]
+__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "prepare_resolutions",
+           "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
+           "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas",
+           "cls_attention"]

@@ -16,24 +16,47 @@ logit and attention terms ignore the label mask — the teacher gives a target f
 The teacher's maps are aligned to the student's layout first (same grid: as they are; else
 resized, rows kept summing to 1; ``prefix``: CLS kept or dropped).
 
-Coefficients. The paper's values are not public; α = β = γ = 1 here, each a parameter. Note the
-scales: entries of A are about 1/T (T = 197), so the attention MSE starts around 1e-5..1e-4
-while the logit MSEs are of order 0.1..1 — with γ = 1 attention is a weak pull; the trainer
-keeps the terms of its last step in ``last_terms`` so a notebook can look before choosing γ.
-Arms, all with the same two-task L_cls: student alone (``teacher=None``), logit KD (γ = 0)
-and MLCAK (γ > 0).
+Coefficients. The paper's values are not public; each is a parameter. α = β = 1 and
+γ = 1000 (:data:`DEFAULT_GAMMA`: the default here, in
+:func:`cxrstudy.studies.low_resolution.train_student` and in notebook 04). Why 1000: entries of
+A are about 1/T (T = 197 at 224 px), so the attention MSE is some 1e-5..1e-4 while the logit
+MSEs are of order 0.1..1; with γ = 1 the attention term would not move the student and MLCAK
+would train like logit KD, γ = 1000 brings it to the logit terms' order. The trainer keeps the
+terms of its last step in ``last_terms`` to check that. Arms, all with the same two-task L_cls:
+student alone (``teacher=None``), logit KD (γ = 0) and MLCAK (γ > 0).
 
-Global label (normal vs abnormal) from the local labels over the *finding* columns F (all
-classes but "No Finding" and "Support Devices", which are not abnormalities):
+Global label (normal vs abnormal), ``global_label`` rule (:func:`dataset_global_labels`):
 
-    abnormal (1, known)  if some finding is known positive
-    normal   (0, known)  if every finding is known and negative
-    unknown  (mask 0)    otherwise (some finding unknown, none positive)
+* ``"no_finding"`` — the release's own "No finding" label where the adapter exposes one (a
+  ``no_finding`` column in ``records``: NIH and VinDr-CXR): abnormal = not "No finding". On
+  VinDr it differs from any rule over the local classes: a reader may mark only a global
+  impression, and under majority voting no local class may reach a majority while the readers
+  agree that the image is not normal. Datasets without such a label fall back to the next rule.
+* ``"any_finding"`` — from the local labels over the *finding* columns F (all classes but
+  :data:`NOT_FINDINGS`):
 
-Teacher input: the same (augmented) student batch upsampled to the teacher's resolution
-(bilinear, antialiased; the teacher sees the upsampled low-resolution image, not the original
-high-resolution one — what a deployed low-resolution setting can offer, and the simplest
-faithful reading).
+      abnormal (1, known)  if some finding is known positive
+      normal   (0, known)  if every finding is known and negative
+      unknown  (mask 0)    otherwise (some finding unknown, none positive)
+
+  This is the rule for ChestMNIST (no label of its own; its all-zero rows are NIH's "No
+  Finding"), the synthetic data and CheXpert. CheXpert's "No Finding" column is not used as
+  the global label on purpose: the CheXpert labeller derives it from the other observations
+  (positive when no pathology is positive or uncertain), so it is a function of the local
+  labels under another uncertainty policy, not an independent reading; it stays a local class.
+
+Teacher input (``teacher_input``):
+
+* ``"high_res"`` (default) — the paper's reading: the teacher sees the *same rows* at its own
+  resolution, read from ``teacher_data`` (the training split at ``teacher_image_size``; the
+  preprocessing cache holds every size), and the batch augmentation applies one random draw to
+  both resolutions (:meth:`cxrstudy.data.augment.BatchAugment.paired`: the same geometry in
+  normalised coordinates, the same intensity change), so the teacher's attention describes the
+  image the student sees, only sharper.
+* ``"upsampled_lr"`` — the student's (augmented) low-resolution batch upsampled to the
+  teacher's size (bilinear, antialiased): the teacher never sees more detail than the student,
+  so what it passes on is its reading of a blurred image (what a deployment that only has the
+  small image could offer).
 """
 from __future__ import annotations
 
@@ -41,6 +64,7 @@ import contextlib
 import functools
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +80,9 @@ from .losses import masked_bce
 from .trainer import TrainConfig, Trainer
 
 NOT_FINDINGS = ("No Finding", "Support Devices")
+TEACHER_INPUTS = ("high_res", "upsampled_lr")
+GLOBAL_LABEL_RULES = ("no_finding", "any_finding")
+DEFAULT_GAMMA = 1000.0
 
 
 # ---- the global task ----------------------------------------------------------------------------
@@ -86,6 +113,33 @@ def global_labels(target: torch.Tensor, mask: torch.Tensor | None = None,
     abnormal = ((target > 0.5) & known & columns).any(dim=-1)
     all_known = (known | ~columns).all(dim=-1)
     return abnormal.to(target.dtype), (abnormal | all_known).to(target.dtype)
+
+
+class GlobalLabels(NamedTuple):
+    """The global (abnormal) label of every row of a dataset and the rule that made it."""
+
+    target: np.ndarray   # float32 [N], 1 = abnormal
+    mask: np.ndarray     # float32 [N], 1 = known
+    rule: str            # "no_finding" (the release's own label) or "any_finding"
+
+
+def dataset_global_labels(dataset, rule: str = "no_finding") -> GlobalLabels:
+    """Global labels of ``dataset``'s rows by ``rule`` (module docstring). ``"no_finding"``
+    uses the ``no_finding`` column of ``dataset.records`` (1/0, NaN = unknown) where the
+    adapter has one and falls back to ``"any_finding"`` elsewhere; ``.rule`` says which ran."""
+    if rule not in GLOBAL_LABEL_RULES:
+        raise ValueError(f"global_label must be one of {', '.join(GLOBAL_LABEL_RULES)}, "
+                         f"got {rule!r}")
+    records = dataset.records
+    if rule == "no_finding" and "no_finding" in records.columns:
+        no_finding = records["no_finding"].to_numpy(dtype=np.float64)
+        known = ~np.isnan(no_finding)
+        return GlobalLabels((known & (no_finding < 0.5)).astype(np.float32),
+                            known.astype(np.float32), "no_finding")
+    target, mask = global_labels(torch.from_numpy(np.asarray(dataset.targets, np.float32)),
+                                 torch.from_numpy(np.asarray(dataset.masks, np.float32)),
+                                 finding_columns(dataset.classes))
+    return GlobalLabels(target.numpy(), mask.numpy(), "any_finding")
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -124,18 +178,29 @@ def check_weights(alpha: float, beta: float, gamma: float) -> None:
 def mlcak_loss(student: MultiTaskOutput, target: torch.Tensor, mask: torch.Tensor | None,
                teacher: MultiTaskOutput | None = None,
                student_maps: Sequence[torch.Tensor] = (), teacher_maps: Sequence[torch.Tensor] = (),
-               alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-               findings: torch.Tensor | None = None, class_loss: Callable = masked_bce
-               ) -> LossTerms:
+               alpha: float = 1.0, beta: float = 1.0, gamma: float = DEFAULT_GAMMA,
+               findings: torch.Tensor | None = None, class_loss: Callable = masked_bce,
+               global_target: torch.Tensor | None = None,
+               global_mask: torch.Tensor | None = None) -> LossTerms:
     """L = L_cls + α·MSE(z_s, z_t) + β·MSE(g_s, g_t) + γ·Σ MSE(A_s, A_t) (module docstring).
 
     Without a teacher only L_cls is computed. A term whose weight is 0 is not computed (it is
-    reported as 0), so a teacher without a global head works with β = 0.
+    reported as 0), so a teacher without a global head works with β = 0. The global task's
+    labels are ``global_target``/``global_mask`` [B] when given (e.g. the release's own "No
+    finding"), else the any-finding rule over ``findings`` (:func:`global_labels`).
     """
     check_weights(alpha, beta, gamma)
     if not isinstance(student, MultiTaskOutput):
         raise TypeError(f"expected the student's MultiTaskOutput, got {type(student).__name__}")
-    g_target, g_mask = global_labels(target, mask, findings)
+    if global_target is None:
+        g_target, g_mask = global_labels(target, mask, findings)
+    else:
+        g_target = global_target.to(student.global_.dtype)
+        g_mask = (torch.ones_like(g_target) if global_mask is None
+                  else global_mask.to(g_target.dtype))
+        if g_target.shape != student.global_.shape or g_mask.shape != g_target.shape:
+            raise ValueError(f"global_target {tuple(g_target.shape)} and global_mask "
+                             f"{tuple(g_mask.shape)} must be [B] = {tuple(student.global_.shape)}")
     local = class_loss(student.local, target, mask)
     global_ = masked_bce(student.global_, g_target, g_mask)
     zero = local.new_zeros(())
@@ -176,6 +241,25 @@ def _image_size(model: nn.Module) -> int | None:
 
 
 # ---- the trainer --------------------------------------------------------------------------------
+class RowReader:
+    """Images of chosen rows of ``dataset`` as float32 [B, 1, S, S] in [0, 1] (CPU): one memmap
+    read per call when the preprocessing cache is attached (as the training loader reads),
+    else item by item."""
+
+    def __init__(self, dataset):
+        from ..data.loader import BatchLoader
+
+        self.dataset = dataset
+        cached = getattr(dataset, "cache", None) is not None
+        self._loader = BatchLoader(dataset, 1) if cached else None
+
+    def __call__(self, rows) -> torch.Tensor:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._loader is not None:
+            return self._loader.cached_batch(rows)["image"]
+        return torch.stack([self.dataset[int(i)]["image"] for i in rows])
+
+
 class MLCAKTrainer(Trainer):
     """:class:`Trainer` for two-task students with optional MLCAK distillation.
 
@@ -183,23 +267,36 @@ class MLCAKTrainer(Trainer):
     ``create_model("deit_tiny_mt", 14, image_size=56, patch_size=4)``). ``teacher``: None
     (student alone: L_cls only; α, β, γ are recorded as 0), or a trained model — two-task for
     β > 0, a timm ViT for γ > 0 — frozen (eval, no gradients, ``no_grad``), moved to the device
-    and kept out of checkpoints. ``teacher_input`` maps the student's (augmented) batch to the
-    teacher's input; default: resize to the teacher's ``image_size``. ``layer_pairs``:
-    ``[(student_block, teacher_block), …]`` (negative counts from the end), default
-    :func:`default_layer_pairs` with ``attention_levels`` levels. ``align``/``prefix``: see
-    :mod:`cxrstudy.models.attention_maps`. ``findings``: class names (or a bool [C]) counting
-    towards "abnormal"; default all classes but :data:`NOT_FINDINGS`. The settings are saved
-    under ``train_config["mlcak"]`` and a resumed run must share them. Validation and predict
-    use the local logits (the model's eval output).
+    and kept out of checkpoints.
+
+    ``teacher_input`` (module docstring): ``"high_res"`` reads each batch's rows (its
+    ``index``) from ``teacher_data`` — the *training* split at the teacher's ``image_size``,
+    row for row the training loader's dataset (checked in :meth:`fit`) — and augments both
+    resolutions with one draw (the augmentation must offer ``paired``, as
+    :class:`~cxrstudy.data.augment.BatchAugment` does); ``"upsampled_lr"`` resizes the
+    augmented student batch to the teacher's ``image_size``; a callable maps the augmented
+    student batch to the teacher's input.
+
+    ``global_label``: the training split's :class:`GlobalLabels` (looked up by the batch's
+    ``index``), e.g. :func:`dataset_global_labels`; None derives them from each batch's local
+    labels (the any-finding rule). ``findings``: class names (or a bool [C]) counting towards
+    "abnormal" in that rule; default all classes but :data:`NOT_FINDINGS`.
+
+    ``layer_pairs``: ``[(student_block, teacher_block), …]`` (negative counts from the end),
+    default :func:`default_layer_pairs` with ``attention_levels`` levels. ``align``/``prefix``:
+    see :mod:`cxrstudy.models.attention_maps`. The settings are saved under
+    ``train_config["mlcak"]`` and a resumed run must share them. Validation and predict use the
+    local logits (the model's eval output).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None,
                  loss_fn: Callable | str = masked_bce, augment: Callable | None = None,
                  class_names: list[str] | None = None, *, teacher: nn.Module | None = None,
-                 alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                 alpha: float = 1.0, beta: float = 1.0, gamma: float = DEFAULT_GAMMA,
                  layer_pairs: Sequence[Sequence[int]] | None = None, attention_levels: int = 3,
                  align: str = "interpolate", prefix: str = "keep",
-                 teacher_input: Callable | None = None, findings=None):
+                 teacher_input: str | Callable = "high_res", teacher_data=None,
+                 global_label: GlobalLabels | None = None, findings=None):
         check_weights(alpha, beta, gamma)
         if not is_multitask(model):
             raise TypeError(f"{type(model).__name__} has no global head: build the student as "
@@ -208,6 +305,9 @@ class MLCAKTrainer(Trainer):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
         if teacher is model:
             raise ValueError("the teacher must be another model than the student")
+        if not callable(teacher_input) and teacher_input not in TEACHER_INPUTS:
+            raise ValueError(f"teacher_input must be one of {', '.join(TEACHER_INPUTS)} or a "
+                             f"callable, got {teacher_input!r}")
         if teacher is None:
             alpha = beta = gamma = 0.0
         elif beta > 0 and not is_multitask(teacher):
@@ -232,10 +332,49 @@ class MLCAKTrainer(Trainer):
         self.findings = self._findings(findings)
         self.teacher = None if teacher is None else freeze(teacher).to(self.device)
         self.teacher_image_size = None if teacher is None else _image_size(teacher)
-        if teacher_input is None and self.teacher_image_size is not None:
-            teacher_input = functools.partial(resize_square, size=self.teacher_image_size)
-        self.teacher_input = teacher_input
+        self._set_teacher_input(teacher_input, teacher_data)
+        self.global_label = global_label
+        self._global = None
+        if global_label is not None:
+            if global_label.rule not in GLOBAL_LABEL_RULES:
+                raise ValueError(f"unknown global label rule {global_label.rule!r}")
+            self._global = (torch.as_tensor(np.asarray(global_label.target, np.float32),
+                                            device=self.device),
+                            torch.as_tensor(np.asarray(global_label.mask, np.float32),
+                                            device=self.device))
         self.last_terms: dict[str, torch.Tensor] = {}
+
+    def _set_teacher_input(self, teacher_input, teacher_data) -> None:
+        self.teacher_data = None
+        self.teacher_input = None          # callable on the augmented student batch
+        if self.teacher is None:
+            self.teacher_input_name = None
+            return
+        if callable(teacher_input):
+            self.teacher_input_name = getattr(teacher_input, "__name__", "custom")
+            self.teacher_input = teacher_input
+            return
+        self.teacher_input_name = teacher_input
+        if teacher_input == "upsampled_lr":
+            if self.teacher_image_size is None:
+                raise ValueError("teacher_input='upsampled_lr' needs the teacher's image_size "
+                                 "(cxr_config or patch_embed.img_size)")
+            self.teacher_input = functools.partial(resize_square, size=self.teacher_image_size)
+            return
+        if teacher_data is None:
+            raise ValueError("teacher_input='high_res' feeds the teacher the batch's rows at its "
+                             "own resolution: pass teacher_data (the training split at "
+                             "teacher_image_size), or choose teacher_input='upsampled_lr'")
+        size = int(getattr(teacher_data, "image_size", 0))
+        if self.teacher_image_size is not None and size != self.teacher_image_size:
+            raise ValueError(f"teacher_data holds {size} px images but the teacher takes "
+                             f"{self.teacher_image_size} px")
+        if self.augment is not None and not hasattr(self.augment, "paired"):
+            raise TypeError(f"teacher_input='high_res' augments both resolutions with one draw: "
+                            f"{type(self.augment).__name__} has no paired(); use BatchAugment, "
+                            f"augment=None or teacher_input='upsampled_lr'")
+        self.teacher_data = teacher_data
+        self._teacher_rows = RowReader(teacher_data)
 
     def _findings(self, findings) -> torch.Tensor | None:
         if findings is None:
@@ -260,15 +399,21 @@ class MLCAKTrainer(Trainer):
         return str(name or (getattr(self.teacher, "cxr_config", None) or {}).get("name")
                    or type(self.teacher).__name__)
 
+    @property
+    def global_label_rule(self) -> str:
+        return "any_finding" if self.global_label is None else self.global_label.rule
+
     def mlcak_settings(self) -> dict:
         """What defines the arm (saved with the run, compared on resume)."""
         findings = None if self.findings is None else (
             [c for c, f in zip(self.class_names, self.findings.tolist()) if f]
             if self.class_names is not None else [int(i) for i in self.findings.nonzero()])
         return {"teacher": self.teacher_name, "teacher_image_size": self.teacher_image_size,
+                "teacher_input": self.teacher_input_name,
                 "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
                 "layer_pairs": [list(p) for p in self.layer_pairs],
-                "align": self.align, "prefix": self.prefix, "findings": findings}
+                "align": self.align, "prefix": self.prefix, "findings": findings,
+                "global_label": self.global_label_rule}
 
     def _identity(self) -> dict:
         identity = super()._identity()
@@ -280,17 +425,58 @@ class MLCAKTrainer(Trainer):
         payload["train_config"] = dict(payload["train_config"], mlcak=self.mlcak_settings())
         return payload
 
+    def check_rows(self, dataset) -> None:
+        """Refuse a training set whose rows are not those of ``teacher_data``/``global_label``
+        (both are looked up by the batch's ``index``)."""
+        if dataset is None or not hasattr(dataset, "records"):
+            return
+        if self.teacher_data is not None:
+            ours = dataset.records["image_id"].astype(str).to_numpy()
+            theirs = self.teacher_data.records["image_id"].astype(str).to_numpy()
+            if not np.array_equal(ours, theirs):
+                raise ValueError(f"teacher_data's rows are not the training set's ({len(theirs)} "
+                                 f"vs {len(ours)} images, or another order): pass the training "
+                                 f"split at the teacher's resolution")
+        if self.global_label is not None and len(self.global_label.target) != len(dataset):
+            raise ValueError(f"global_label has {len(self.global_label.target)} rows, the "
+                             f"training set {len(dataset)}")
+
+    def fit(self, train_loader, val_loader=None):
+        self.check_rows(getattr(train_loader, "dataset", None))
+        return super().fit(train_loader, val_loader)
+
     @property
     def uses_attention(self) -> bool:
         return self.teacher is not None and self.gamma > 0
 
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(student images, teacher images or None) of one training batch, augmented.
+
+        ``high_res``: the batch's rows read from ``teacher_data`` and augmented with the
+        student's draw; ``upsampled_lr`` (or a callable): the augmented student batch mapped
+        to the teacher's input. The student's images are the same in both (one draw each).
+        """
+        images = batch["image"]
+        if self.teacher is not None and self.teacher_data is not None:
+            rows = batch["index"].detach().cpu().numpy()
+            high = self._teacher_rows(rows).to(device=images.device, dtype=images.dtype)
+            if self.augment is not None:
+                images, high = self.augment.paired(images, high)
+            return images, high
+        if self.augment is not None:
+            images = self.augment(images)
+        if self.teacher is None:
+            return images, None
+        return images, (self.teacher_input(images) if self.teacher_input is not None
+                        else images)
+
     @torch.no_grad()
-    def teacher_outputs(self, images: torch.Tensor
+    def teacher_outputs(self, inputs: torch.Tensor
                         ) -> tuple[MultiTaskOutput, list[torch.Tensor]]:
-        """The frozen teacher's logits (float32) and its maps aligned to the student's layout."""
+        """The frozen teacher's logits (float32) on its ``inputs`` and its maps aligned to the
+        student's layout."""
         if self.teacher.training:  # someone switched it back; BatchNorm must not learn
             self.teacher.eval()
-        inputs = self.teacher_input(images) if self.teacher_input is not None else images
         recorder = (AttentionRecorder(self.teacher, [t for _, t in self.layer_pairs])
                     if self.uses_attention else contextlib.nullcontext())
         with recorder, self.accelerator.autocast():
@@ -307,9 +493,7 @@ class MLCAKTrainer(Trainer):
         return out, maps
 
     def training_step(self, batch: dict) -> torch.Tensor:
-        images = batch["image"]
-        if self.augment is not None:
-            images = self.augment(images)
+        images, teacher_images = self.inputs(batch)
         recorder = (AttentionRecorder(self.unwrapped_model, [s for s, _ in self.layer_pairs])
                     if self.uses_attention else contextlib.nullcontext())
         with recorder:
@@ -319,16 +503,23 @@ class MLCAKTrainer(Trainer):
                             f"MultiTaskOutput")
         teacher_out, teacher_maps, student_maps = None, [], []
         if self.teacher is not None:
-            teacher_out, teacher_maps = self.teacher_outputs(images)
+            teacher_out, teacher_maps = self.teacher_outputs(teacher_images)
         if self.uses_attention:
             student_maps = [student_view(a, self.student_layout, self.prefix)
                             for a in recorder.ordered()]
+        g_target = g_mask = None
+        if self._global is not None:
+            rows = batch["index"].to(self.device).long()
+            g_target, g_mask = self._global[0][rows], self._global[1][rows]
         terms = mlcak_loss(out, batch["target"], batch["mask"], teacher_out, student_maps,
                            teacher_maps, alpha=self.alpha, beta=self.beta, gamma=self.gamma,
-                           findings=self.findings, class_loss=self.loss_fn)
+                           findings=self.findings, class_loss=self.loss_fn,
+                           global_target=g_target, global_mask=g_mask)
         self.last_terms = {name: value.detach() for name, value in terms._asdict().items()}
         return terms.total
 
 
-__all__ = ["NOT_FINDINGS", "finding_columns", "global_labels", "LossTerms", "attention_loss",
-           "mlcak_loss", "default_layer_pairs", "check_weights", "MLCAKTrainer"]
+__all__ = ["NOT_FINDINGS", "TEACHER_INPUTS", "GLOBAL_LABEL_RULES", "DEFAULT_GAMMA",
+           "finding_columns", "global_labels", "GlobalLabels", "dataset_global_labels",
+           "LossTerms", "attention_loss", "mlcak_loss", "default_layer_pairs", "check_weights",
+           "RowReader", "MLCAKTrainer"]
