@@ -136,7 +136,8 @@ def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attendin
     assert calls["single_second"][0] == "efficientvit_m0"
     model, ensemble = calls["ensemble"]
     assert model == "logit_ensemble" and ensemble["trainer_cls"] is CANTrainer
-    assert ensemble["model_kwargs"] == {"backbones": ("resnet18", "efficientvit_m0")}  # no attention
+    # no attention options reach the ensemble
+    assert ensemble["model_kwargs"] == {"backbones": ("resnet18", "efficientvit_m0")}
     model, can = calls["can_bce"]
     assert model == "can" and can["model_kwargs"]["attention"] == "channel"
     # the ensemble and CAN share the loss: the same class loss and the same branch weight
