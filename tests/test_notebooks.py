@@ -116,6 +116,22 @@ def test_low_resolution_notebook_writes_every_arm_and_the_small_vs_large_contras
     assert metrics["weights"] == {"alpha": 1.0, "beta": 1.0, "gamma": 1000.0}
     for row in metrics["arms_table"]:
         assert row["macro low"] <= row["macro AUC"] <= row["macro high"], row["arm"]
+    # the distilled arms' teacher read the same rows at 56 px; NIH's own "No Finding" is the
+    # global label of every two-task ViT (the hybrid has no global task)
+    assert metrics["teacher_input"] == "high_res"
+    assert {k: m["teacher_input"] for k, m in metrics["models"].items()} == {
+        "teacher_56": None, "alone_28": None, "logit_kd_28": "high_res", "mlcak_28": "high_res",
+        "efficientvit_m0_28": None}
+    assert {row["arm"]: row["teacher input"] for row in metrics["arms_table"]} == {
+        "teacher": "—", "alone": "—", "logit_kd": "high_res", "mlcak": "high_res",
+        "efficientvit_m0": "—"}
+    assert metrics["global_label"] == {"asked": "no_finding", "used": "no_finding"}
+    assert {k: m["global_label"] for k, m in metrics["models"].items()
+            if k != "efficientvit_m0_28"} == dict.fromkeys(
+        ["teacher_56", "alone_28", "logit_kd_28", "mlcak_28"], "no_finding")
+    classes = pd.read_csv(folder / "tables/class_groups.csv").set_index("group")["classes"]
+    assert classes["small lesion"] == "Mass, Nodule"
+    assert classes["large finding"] == "Cardiomegaly, Effusion"
     # students and teacher share the 7×7 token grid (tiny): same size but for the patch embedding
     params = {k: m["params"] for k, m in metrics["models"].items()}
     patch_weights = lambda patch: 192 * patch * patch  # noqa: E731 (one channel in, 192 out)
