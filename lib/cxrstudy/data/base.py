@@ -4,7 +4,8 @@ An adapter parses its release's files into three tables and knows how to decode 
 
 - ``records``: one row per image; columns ``image_id``, ``patient_id`` (str), ``view``, ``sex``,
   ``age`` and optionally ``official_split`` ("train"/"val"/"test"; honoured by
-  ``splits.assign_splits``) and ``path``.
+  ``splits.assign_splits``), ``path`` and ``no_finding`` (the release's own "No finding"
+  label, 1/0, where it has one apart from the classes: NIH, VinDr-CXR).
 - ``labels``: float32 array [N, C] aligned with ``records``; 1 = present, 0 = absent,
   NaN = unknown (uncertain under the ``ignore`` policy, or not annotated). Unknowns are masked
   out of losses and metrics, never silently read as negatives.
