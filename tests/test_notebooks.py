@@ -84,11 +84,17 @@ def test_mxa_notebook_counts_parameters_and_measures_the_boxes(tiny_results):
 
 def test_distillation_notebook_writes_the_ablation_with_the_paper_column(tiny_results):
     root, _ = tiny_results
-    folder = root / "03_knowledge_distillation"
+    check_distillation_outputs(root / "03_knowledge_distillation")
+
+
+def check_distillation_outputs(folder):
+    """03's assertions, on any folder it wrote with the tiny profile (also run on its own)."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    arms = ["baseline", "mxa", "kd", "mxa_kd", "mxa_kd_differentiable", "mxa_kd_gated"]
+    arms = ["baseline", "authors_baseline", "mxa", "kd", "mxa_kd", "mxa_kd_differentiable",
+            "mxa_kd_gated"]
     assert set(metrics["models"]) == set(arms)
     assert metrics["kd"] == {"alpha": 0.5, "tau": 1.0, "mode": "soft"}
+    assert metrics["views"] == "frontal"
     assert metrics["teacher"]["name"] == "own resnet18"
     assert 0.0 <= metrics["teacher"]["overall"]["macro_auc"] <= 1.0
     table = pd.read_csv(folder / "tables/ablation.csv")
@@ -96,14 +102,35 @@ def test_distillation_notebook_writes_the_ablation_with_the_paper_column(tiny_re
     for row in table.itertuples():
         low, high = (float(v) for v in row._4.split("–"))  # micro 95% CI
         assert low <= row._3 <= high
+    # the paper's 0.66 is its double-sigmoid baseline: beside authors_baseline, not ours
     paper = table.set_index("arm")["paper micro AUC (M5, CheXpert)"]
-    assert paper["baseline"] == 0.66 and paper["mxa_kd"] == 0.85 and pd.isna(paper["kd"])
+    assert paper["authors_baseline"] == 0.66 and paper["mxa_kd"] == 0.85
+    assert pd.isna(paper["baseline"]) and pd.isna(paper["kd"])
     assert table.loc[1:, "DeLong p (micro)"].between(0, 1).all()
     # a distilled student has one more head than its plain twin: timm's NormLinear head on M0's
-    # 192 features is BatchNorm (2 × 192) + Linear (14 × 193)
+    # 192 features is BatchNorm (2 × 192) + Linear (14 × 193); the sigmoid adds nothing
     params = {k: m["params"] for k, m in metrics["models"].items()}
     assert params["kd"] - params["baseline"] == params["mxa_kd"] - params["mxa"] == 2 * 192 + 14 * 193
+    assert params["authors_baseline"] == params["baseline"]
     assert (folder / "checkpoints/teacher").is_dir()
+    # the double sigmoid: the training loss never gets below the floor computed from the labels
+    # (positives -log sigma(1) = 0.3133, negatives log 2 = 0.6931, weighted by their share)
+    check = metrics["authors_baseline"]
+    rate = check["train_positive_rate"]
+    assert check["all_labels_known"]  # NIH: every label known, so the floor is exact
+    assert check["loss_floor"] == pytest.approx(rate * 0.313262 + (1 - rate) * 0.693147, abs=1e-5)
+    history = pd.read_csv(folder / "tables/history_authors_baseline.csv")
+    assert history["train_loss"].min() == pytest.approx(check["min_train_loss"])
+    assert check["min_train_loss"] >= check["loss_floor"] - 1e-6
+    assert set(check["collapsed"]) <= set(metrics["models"]["authors_baseline"]["per_class_auc"])
+    # the paper's +0.19 split into the bug and MXA + KD: differences of the table's micro AUCs
+    gain = pd.read_csv(folder / "tables/paper_gain.csv")
+    micro = table.set_index("arm")["micro AUC"]
+    assert list(gain["from"]) == ["authors_baseline", "baseline", "authors_baseline"]
+    assert list(gain["to"]) == ["baseline", "mxa_kd", "mxa_kd"]
+    for row in gain.itertuples():
+        assert row._4 == pytest.approx(micro[row.to] - micro[row._2])
+    assert gain["paper Δ micro AUC"].iloc[-1] == pytest.approx(0.19)
 
 
 def test_low_resolution_notebook_writes_every_arm_and_the_small_vs_large_contrast(tiny_results):
