@@ -1,17 +1,21 @@
 """MXA block in EfficientViT-M: the batched crop against per-sample slicing, fallbacks, gradients
-per crop mode, the sum/gated equations, shapes at 64–224 px, parameter counts, timm weights."""
+per crop mode, the sum/gated equations, both placements (ours and the authors' wiring), shapes at
+64–224 px, the authors' logged parameter counts rebuilt exactly, timm weights."""
 from __future__ import annotations
 
 import math
+
+import copy
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cxrstudy.models import count_parameters, create_model
-from cxrstudy.models.mxa import (MXABlock, MXAMixer, add_mxa, crop_to_boxes, last_boxes,
-                                 mxa_blocks, pixel_bounds)
+from cxrstudy.models.mxa import (MXAAtBlockInput, MXABlock, MXAMixer, add_mxa, crop_to_boxes,
+                                 last_boxes, mxa_blocks, pixel_bounds)
 
 
 def _logit(p: float) -> float:
@@ -160,16 +164,130 @@ def test_mixer_equations_sum_and_gated():
         torch.testing.assert_close(mixer(x), x + attended + focused)
 
 
+# ---- the authors' placement --------------------------------------------------------------------
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero weights everywhere: timm starts the BatchNorm scales that close the residual
+    branches at 0 (LWA, dw, FFN add nothing at first), which would hide a wrong wiring."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+class _AuthorsBlock(nn.Module):
+    """Their ``EfficientViTBlock.forward``, written out on an untouched timm block:
+    ``x = mixer(x) + mxa(x)`` (both ``Residual``s), then ``ffn1(dw1(mixer(ffn0(dw0(x)))))``."""
+
+    def __init__(self, block: nn.Module, mxa: nn.Module, gate: torch.Tensor | None = None):
+        super().__init__()
+        self.block, self.mxa, self.gate = block, mxa, gate
+
+    def forward(self, x):
+        mixed, focused = self.block.mixer(x), x + self.mxa(x)
+        if self.gate is None:
+            x = mixed + focused
+        else:
+            x = self.gate * mixed + (1 - self.gate) * focused
+        return self.block(x)
+
+
+@pytest.mark.parametrize("mode", ["sum", "gated"])
+def test_block_input_placement_computes_the_authors_ordering_by_hand(mode):
+    torch.manual_seed(0)
+    model = _randomise(create_model("efficientvit_m0_mxa", num_classes=3, image_size=64,
+                                    mxa_mode=mode, mxa_placement="block_input"))
+    block = model.stages[0].blocks[0]
+    assert isinstance(block, MXAAtBlockInput) and isinstance(block.mixer, MXAMixer)
+    lwa, mxa = block.mixer.m, block.mixer.mxa
+    x = torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        left, right = x + lwa(x), x + mxa(x)
+        if mode == "gated":
+            gate = torch.sigmoid(block.mixer.alpha)
+            y = gate * left + (1 - gate) * right
+        else:
+            y = left + right  # = 2x + LWA(x) + MXA(x)
+        y = y + block.dw0.m(y)
+        y = y + block.ffn0.m(y)
+        y = y + lwa(y)  # the same window attention a second time
+        y = y + block.dw1.m(y)
+        y = y + block.ffn1.m(y)
+        torch.testing.assert_close(block(x), y)
+
+
+@pytest.mark.parametrize("mode", ["sum", "gated"])
+def test_block_input_model_equals_the_authors_forward_on_a_timm_model(mode):
+    torch.manual_seed(0)
+    ours = _randomise(create_model("efficientvit_m0_mxa", num_classes=3, image_size=64,
+                                   mxa_mode=mode, mxa_placement="block_input"))
+    plain = create_model("efficientvit_m0", num_classes=3, image_size=64)
+    timm_keys = set(plain.state_dict())
+    assert timm_keys <= set(ours.state_dict())  # timm's weights keep their names
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if k in timm_keys})
+    authors = copy.deepcopy(plain).eval()
+    for s, stage in enumerate(authors.stages):
+        for b, block in enumerate(stage.blocks):
+            mixer = ours.stages[s].blocks[b].mixer
+            gate = torch.sigmoid(mixer.alpha).detach() if mode == "gated" else None
+            stage.blocks[b] = _AuthorsBlock(block, mixer.mxa, gate)
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), authors(images))
+        assert not torch.allclose(ours(images), plain.eval()(images))
+
+
+def test_both_placements_hold_the_same_parameters_under_the_same_names():
+    torch.manual_seed(0)
+    mixer = create_model("efficientvit_m0_mxa", num_classes=3, image_size=64, mxa_mode="gated")
+    block_input = create_model("efficientvit_m0_mxa", num_classes=3, image_size=64,
+                               mxa_mode="gated", mxa_placement="block_input")
+    shapes = {k: v.shape for k, v in mixer.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in block_input.state_dict().items()}
+    assert count_parameters(mixer) == count_parameters(block_input)
+    _randomise(mixer)
+    block_input.load_state_dict(mixer.state_dict())
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():  # same weights, other wiring: other logits
+        assert not torch.allclose(mixer(images), block_input.eval()(images), atol=1e-3)
+    # the block_input model trains: MXA and both uses of the window attention get gradients
+    block_input.train()
+    block_input(images).sum().backward()
+    block = block_input.stages[0].blocks[0]
+    assert block.mixer.mxa.spatial_attention.conv.weight.grad.abs().sum() > 0
+    assert block.mixer.m.attn.qkvs[0].conv.weight.grad.abs().sum() > 0
+    assert block.mixer.alpha.grad is not None
+
+
+def test_block_input_checkpoint_rebuilds_with_its_placement(tmp_path):
+    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train import save_checkpoint
+
+    model = _randomise(create_model("efficientvit_m0_mxa", num_classes=2, image_size=64,
+                                    mxa_placement="block_input"))
+    save_checkpoint({"kind": "best", "epoch": 1, "model": model.state_dict(), "ema": None,
+                     "model_config": model.cxr_config, "class_names": ["A", "B"]},
+                    tmp_path / "best.pt")
+    rebuilt, _ = load_model_from_checkpoint(tmp_path / "best.pt")
+    assert rebuilt.mxa_config["placement"] == "block_input"
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+
+
 # ---- the model -------------------------------------------------------------------------------
-@pytest.mark.parametrize("size,crop,mode", [
-    (64, "faithful", "sum"), (64, "faithful", "gated"), (64, "differentiable", "sum"),
-    (64, "differentiable", "gated"), (128, "faithful", "sum"), (128, "differentiable", "gated"),
-    (224, "faithful", "gated"), (224, "differentiable", "sum"),
+@pytest.mark.parametrize("size,crop,mode,placement", [
+    (64, "faithful", "sum", "mixer"), (64, "faithful", "gated", "mixer"),
+    (64, "differentiable", "sum", "mixer"), (64, "differentiable", "gated", "mixer"),
+    (128, "faithful", "sum", "mixer"), (128, "differentiable", "gated", "mixer"),
+    (224, "faithful", "gated", "mixer"), (224, "differentiable", "sum", "mixer"),
+    (64, "faithful", "sum", "block_input"), (128, "differentiable", "gated", "block_input"),
+    (224, "faithful", "sum", "block_input"),
 ])
-def test_logits_and_boxes_at_every_size(size, crop, mode):
+def test_logits_and_boxes_at_every_size(size, crop, mode, placement):
     torch.manual_seed(0)
     model = create_model("efficientvit_m0_mxa", num_classes=14, in_chans=1, image_size=size,
-                         mxa_mode=mode, crop=crop).eval()
+                         mxa_mode=mode, crop=crop, mxa_placement=placement).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 1, size, size))
     assert logits.shape == (2, 14) and torch.isfinite(logits).all()
@@ -181,8 +299,12 @@ def test_logits_and_boxes_at_every_size(size, crop, mode):
     for name, box in boxes.items():
         assert box.shape == (2, 4) and not box.requires_grad, name
         assert box.min() >= 0 and box.max() <= 1, name
-    assert model.cxr_config["kwargs"] == {"mxa_mode": mode, "crop": crop}
-    assert model.mxa_config == {"mxa_mode": mode, "crop": crop, "roi_init": "default"}
+    assert model.cxr_config["kwargs"] == {"mxa_mode": mode, "crop": crop,
+                                          "mxa_placement": placement}
+    assert model.mxa_config == {"mxa_mode": mode, "crop": crop, "roi_init": "default",
+                                "placement": placement}
+    wired = {type(block).__name__ for stage in model.stages for block in stage.blocks}
+    assert wired == {"MXAAtBlockInput" if placement == "block_input" else "EfficientVitBlock"}
 
 
 def test_differentiable_mode_trains_the_roi_branch():
@@ -272,17 +394,55 @@ def test_timm_weights_fit_the_backbone(tmp_path):
                      pretrained=str(ours))
 
 
-def test_m5_parameter_counts_match_the_paper():
+def test_the_authors_logged_parameter_counts_are_rebuilt_exactly():
+    from cxrstudy.studies import mxa as study
+
+    table = study.authors_parameter_counts()
+    assert list(table["run"]) == ["baseline", "mxa", "mxa_kd"]
+    assert list(table["authors' n_parameters"]) == [12094162, 16149010, 16155168]  # their logs
+    assert list(table["ours"]) == [12094162, 16149010, 16155168]
+    assert (table["ours − authors'"] == 0).all()
+    assert table["configuration"][0] == "create_model('efficientvit_m5', 14, in_chans=3, image_size=224)"
+    # the same counts on real (initialised) models, and the differences by hand
+    baseline = create_model("efficientvit_m5", num_classes=14, in_chans=3, image_size=224)
     plain = create_model("efficientvit_m5", num_classes=14, in_chans=1, image_size=224)
     with_mxa = create_model("efficientvit_m5_mxa", num_classes=14, in_chans=1, image_size=224)
-    assert abs(count_parameters(plain) / 12.09e6 - 1) < 0.01
-    assert abs(count_parameters(with_mxa) / 16.16e6 - 1) < 0.01
+    distilled = create_model("efficientvit_m5_mxa", num_classes=14, in_chans=1, image_size=224,
+                             distilled=True)
+    assert count_parameters(baseline) == 12094162 and count_parameters(distilled) == 16155168
+    assert count_parameters(baseline) - count_parameters(plain) == 24 * 2 * 3 * 3  # RGB stem
+    assert count_parameters(distilled) - count_parameters(with_mxa) == 2 * 384 + 14 * 385  # head
     # MXA adds Σ 4.5C² + C²/8 + 2C + 4 + 98 over the blocks: C = 192, 3×288, 4×384
     added = sum(4.5 * c * c + c * c / 8 + 2 * c + 4 + 98 for c in [192] + [288] * 3 + [384] * 4)
     assert count_parameters(with_mxa) - count_parameters(plain) == added
     with torch.no_grad():
         logits = with_mxa.eval()(torch.rand(1, 1, 64, 64))
     assert logits.shape == (1, 14) and torch.isfinite(logits).all()
+
+
+def test_the_authors_logs_are_in_the_reference_with_their_files():
+    from cxrstudy.report import reference
+
+    for run, folder in (("baseline", "augs:u1"), ("mxa", "augs:u1+MXA"),
+                        ("mxa_kd", "augs:u1+MXA+KD")):
+        for key in ("log_n_parameters", "log_micro_auc", "log_per_class_auc"):
+            source = reference.number("mxa", f"{key}.{run}")["source"]
+            assert f"Results/ablation_study/{folder}/log.txt" in source["where"], (key, run)
+            assert source["url"].endswith(f"/{folder}/log.txt"), (key, run)
+    assert reference.values_by_prefix("mxa", "log_micro_auc") == {
+        "baseline": 0.6708, "mxa": 0.8251, "mxa_kd": 0.8244}
+    baseline = reference.number("mxa", "log_per_class_auc.baseline")["value"]
+    assert len(baseline) == 13 and "Fracture" not in baseline  # NaN in their log
+    assert sum(v == 0.5 for v in baseline.values()) == 9  # constant scores
+    assert reference.number("mxa", "log_per_class_auc.mxa")["value"]["Lung Lesion"] == 0.0944
+    # a per-class value maps class names to numbers, nothing else
+    data = {"papers": {"mxa": copy.deepcopy(reference.paper("mxa"))}}
+    entry = next(n for n in data["papers"]["mxa"]["numbers"]
+                 if n["key"] == "log_per_class_auc.mxa")
+    reference.check_reference(data)
+    entry["value"] = {"No Finding": "high"}
+    with pytest.raises(reference.ReferenceError, match="mapping of class names"):
+        reference.check_reference(data)
 
 
 def test_bad_settings_are_named():
@@ -292,10 +452,14 @@ def test_bad_settings_are_named():
         create_model("efficientvit_m0_mxa", num_classes=2, image_size=64, roi_init="centre")
     with pytest.raises(ValueError, match="mxa_mode must be one of"):
         create_model("efficientvit_m0_mxa", num_classes=2, image_size=64, mxa_mode="mean")
+    with pytest.raises(ValueError, match="mxa_placement must be one of"):
+        create_model("efficientvit_m0_mxa", num_classes=2, image_size=64, mxa_placement="after")
     with pytest.raises(ValueError, match="no EfficientVitBlock"):
         add_mxa(create_model("resnet18", num_classes=2, image_size=32))
-    with pytest.raises(ValueError, match="already has MXA"):
-        add_mxa(create_model("efficientvit_m0_mxa", num_classes=2, image_size=64))
+    for placement in ("mixer", "block_input"):
+        with pytest.raises(ValueError, match="already has MXA"):
+            add_mxa(create_model("efficientvit_m0_mxa", num_classes=2, image_size=64,
+                                 mxa_placement=placement))
 
 
 def test_distilled_mxa_student_wraps_the_mxa_model_and_rebuilds_from_its_checkpoint(tmp_path):

@@ -73,6 +73,19 @@ def test_mxa_notebook_counts_parameters_and_measures_the_boxes(tiny_results):
     assert params["mxa"] - params["baseline"] == 2843382 - 2158994  # M0's six MXA blocks
     sizes = metrics["parameters"][0]
     assert sizes["model"] == "efficientvit_m0" and round(sizes["with MXA (M)"], 3) == 2.843
+    # the authors' logged n_parameters, rebuilt exactly (M5 at 224 px whatever the profile's size)
+    counts = {row["run"]: row for row in metrics["authors_parameter_counts"]}
+    assert {run: row["authors' n_parameters"] for run, row in counts.items()} == {
+        "baseline": 12094162, "mxa": 16149010, "mxa_kd": 16155168}
+    assert all(row["ours"] == row["authors' n_parameters"] for row in counts.values())
+    assert "in_chans=3" in counts["baseline"]["configuration"]
+    assert "distilled=True" in counts["mxa_kd"]["configuration"]
+    table = pd.read_csv(root / "02_mxa/tables/authors_parameter_counts.csv")
+    assert list(table["ours"]) == [12094162, 16149010, 16155168]
+    # the placement is a parameter passed to the model, and the notebook describes both
+    assert metrics["mxa"]["mxa_placement"] == "mixer"
+    prose = json.loads((root / "02_mxa/02_mxa.ipynb").read_text())["cells"][0]["source"]
+    assert "`mixer` (ours, the default)" in "".join(prose) and "`block_input`" in "".join(prose)
     assert 0.0 <= metrics["whole_map_fallback"] <= 1.0
     boxes = pd.read_csv(root / "02_mxa/tables/roi_boxes.csv")
     assert len(boxes) == 6 and (boxes["images"] == metrics["splits"][2]["images"]).all()

@@ -15,13 +15,26 @@ The block on a feature map ``x`` (B×C×H×W):
       M_c = σ(Conv1×1_{C/16→C}(ReLU(Conv1×1_{C→C/16}(AvgPool(x')))))      x'' = M_c ⊙ x'
       M_s = σ(Conv7×7_{2→1}([MaxPool_c(x''); AvgPool_c(x'')]))             MXA(x) = M_s ⊙ x''
 
-Placement: every ``EfficientVitBlock`` (dw0 → ffn0 → mixer → dw1 → ffn1) gets a mixer that adds
-MXA beside the residual local window attention (LWA)::
+Placement (``mxa_placement``) in every ``EfficientVitBlock`` (dw0 → ffn0 → mixer → dw1 → ffn1):
+
+* ``"mixer"`` (ours, the default) — MXA beside the residual local window attention (LWA), at the
+  mixer's position::
 
       sum:    x ← x + LWA(x) + MXA(x)
       gated:  x ← x + g·LWA(x) + (1 − g)·MXA(x),   g = σ(α), α a scalar per block, α₀ = 0
 
-Everything else of timm's model is kept, so timm's (ImageNet) weights load into the backbone.
+* ``"block_input"`` — as the authors' code wires it (``EfficientViTBlock.forward`` in
+  Hadi-M-Ibrahim/Beyond-Conventional-Transformers: ``x = mixer(x) + mxa(x)``, then the whole
+  block), two residual branches summed at the block's input, then the unchanged block, whose
+  mixer applies the same window attention a second time::
+
+      sum:    y = (x + LWA(x)) + (x + MXA(x)) = 2x + LWA(x) + MXA(x)
+      gated:  y = g·(x + LWA(x)) + (1 − g)·(x + MXA(x))
+      out = ffn1(dw1(z + LWA(z))),   z = ffn0(dw0(y))
+
+Both placements hold the same parameters under the same state-dict keys (only the wiring
+differs), and everything else of timm's model is kept, so timm's (ImageNet) weights load into the
+backbone.
 
 Two crop modes:
 
@@ -46,14 +59,18 @@ Both modes crop the whole batch at once as two products with per-sample resampli
 ``grid_sample``/``interpolate``, whose CUDA backward passes use atomic adds, these matmuls are
 deterministic, which the study's seeded runs ask for.
 
-Parameter counts (14 classes, one input channel, 224 px; ``count_parameters``):
-EfficientViT-M5 12 093 730 without MXA, 16 149 010 with MXA (paper: 12.09 M / 16.16 M, −0.07 %);
-M0 2 158 994 / 2 843 382. The MXA part is Σ_blocks 4.5·C² + C²/8 + 2C + 4 + 98 — ROI hidden
-width C/2 and channel reduction 16 give 4.055 M over M5's eight blocks (C = 192, 3×288, 4×384);
-with a smaller ROI width or reduction the paper's 16.16 M is out of reach. Biases follow the
-authors' MXA module: only the 1×1 ROI conv has one (the 3×3 ROI conv, the CBAM convs and the 7×7
-conv have none). The gated mode adds one α per block. In faithful mode the frozen ROI branches
-hold 3.95 M of M5's parameters, so 12 203 954 are trained.
+Parameter counts (14 classes, 224 px; ``count_parameters``): EfficientViT-M5 with one input
+channel 12 093 730 without MXA, 16 149 010 with MXA; M0 2 158 994 / 2 843 382. The authors'
+training logs (``n_parameters``) hold exactly what ``create_model`` gives for their three runs:
+12 094 162 for the baseline (M5 with a *three*-channel stem: 24 filters × 2 more channels × 3×3
+= +432), 16 149 010 for +MXA and 16 155 168 for +MXA+KD (one channel, plus the distillation
+head: BatchNorm 2·384 + Linear 14·385 = 6 158) — see ``cxrstudy.studies.mxa.AUTHORS_RUNS``; the
+paper's 12.09 M / 16.16 M round the first and the last. The MXA part is
+Σ_blocks 4.5·C² + C²/8 + 2C + 4 + 98 — ROI hidden width C/2 and channel reduction 16 give
+4.055 M over M5's eight blocks (C = 192, 3×288, 4×384). Biases follow the authors' MXA module:
+only the 1×1 ROI conv has one (the 3×3 ROI conv, the CBAM convs and the 7×7 conv have none). The
+gated mode adds one α per block. In faithful mode the frozen ROI branches hold 3.95 M of M5's
+parameters, so 12 203 954 are trained.
 """
 from __future__ import annotations
 
@@ -67,6 +84,7 @@ from .registry import register_model
 
 CROP_MODES = ("faithful", "differentiable")
 MXA_MODES = ("sum", "gated")
+MXA_PLACEMENTS = ("mixer", "block_input")
 ROI_INITS = ("default", "whole")
 WHOLE_MAP_START = (0.05, 0.05, 0.95, 0.95)
 EFFICIENTVIT_VARIANTS = tuple(f"efficientvit_m{i}" for i in range(6))
@@ -268,11 +286,12 @@ class MXABlock(nn.Module):
 
 class MXAMixer(nn.Module):
     """Residual token mixer: ``x + LWA(x) + MXA(x)`` (sum) or
-    ``x + σ(α)·LWA(x) + (1 − σ(α))·MXA(x)`` (gated).
+    ``x + σ(α)·LWA(x) + (1 − σ(α))·MXA(x)`` (gated) — the ``"mixer"`` placement's forward.
 
     The window attention stays at ``.m`` (timm's ``ResidualDrop`` names it so), keeping timm's
     state-dict keys and ``EfficientVitBlock.set_input_size``. ``drop`` is timm's per-sample
-    residual drop, applied to the summed update.
+    residual drop, applied to the summed update. :class:`MXAAtBlockInput` (the ``"block_input"``
+    placement) uses the same module through :meth:`at_block_input` and :meth:`window_attention`.
     """
 
     def __init__(self, window_attention: nn.Module, mxa: MXABlock, mode: str = "sum",
@@ -285,43 +304,93 @@ class MXAMixer(nn.Module):
         if mode == "gated":
             self.alpha = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attended, focused = self.m(x), self.mxa(x)
-        if self.mode == "gated":
-            gate = torch.sigmoid(self.alpha)
-            update = gate * attended + (1 - gate) * focused
-        else:
-            update = attended + focused
+    def _residual(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """``x + update``, with timm's per-sample residual drop while training."""
         if self.training and self.drop > 0:
             keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device).ge_(self.drop)
             update = update * keep.div(1 - self.drop).to(update.dtype)
         return x + update
 
+    def _mix(self, attended: torch.Tensor, focused: torch.Tensor) -> torch.Tensor:
+        if self.mode == "gated":
+            gate = torch.sigmoid(self.alpha)
+            return gate * attended + (1 - gate) * focused
+        return attended + focused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._residual(x, self._mix(self.m(x), self.mxa(x)))
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + LWA(x)`` alone: timm's residual window attention, without MXA."""
+        return self._residual(x, self.m(x))
+
+    def at_block_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The authors' ``mixer(x) + mxa(x)``: two residual branches, each carrying ``x``,
+        summed ``(x + LWA(x)) + (x + MXA(x))`` or gated ``g·(x + LWA(x)) + (1 − g)·(x + MXA(x))``."""
+        return self._mix(self._residual(x, self.m(x)), self._residual(x, self.mxa(x)))
+
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
 
 
+class MXAAtBlockInput(nn.Module):
+    """An EfficientViT block wired as the authors' code wires it (``mxa_placement="block_input"``)::
+
+        y = mixer(x) + mxa(x) = (x + LWA(x)) + (x + MXA(x))       (gated: g·(…) + (1 − g)·(…))
+        out = ffn1(dw1(z + LWA(z))),   z = ffn0(dw0(y))
+
+    i.e. the whole timm block runs on ``y``, so the same window attention is applied twice and
+    the block's input enters ``y`` twice. It holds timm's ``dw0``, ``ffn0``, ``dw1``, ``ffn1``
+    and an :class:`MXAMixer` at ``mixer``: the same modules under the same state-dict keys as the
+    ``"mixer"`` placement.
+    """
+
+    def __init__(self, block: nn.Module, mixer: MXAMixer):
+        super().__init__()
+        self.dw0, self.ffn0 = block.dw0, block.ffn0
+        self.mixer = mixer
+        self.dw1, self.ffn1 = block.dw1, block.ffn1
+
+    def set_input_size(self, resolution: int) -> None:
+        """What timm's ``EfficientVitBlock.set_input_size`` does: resize the attention window."""
+        self.mixer.m.set_input_size(resolution)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mixer.at_block_input(x)
+        return self.ffn1(self.dw1(self.mixer.window_attention(self.ffn0(self.dw0(x)))))
+
+
 # ---- EfficientViT surgery -------------------------------------------------------------------
 def add_mxa(model: nn.Module, mxa_mode: str = "sum", crop: str = "faithful",
-            roi_init: str = "default") -> nn.Module:
-    """Give every attention block of a timm EfficientViT-M an :class:`MXAMixer` (in place)."""
+            roi_init: str = "default", placement: str = "mixer") -> nn.Module:
+    """Give every attention block of a timm EfficientViT-M an :class:`MXAMixer` (in place).
+
+    ``placement="mixer"`` swaps the block's mixer; ``"block_input"`` replaces the whole block by
+    an :class:`MXAAtBlockInput` built from the block's own modules (see the module docstring).
+    """
     from timm.models.efficientvit_msra import EfficientVitBlock
 
     _check_choice("mxa_mode", mxa_mode, MXA_MODES)
     _check_choice("crop", crop, CROP_MODES)
     _check_choice("roi_init", roi_init, ROI_INITS)
-    blocks = [m for m in model.modules() if isinstance(m, EfficientVitBlock)]
+    _check_choice("mxa_placement", placement, MXA_PLACEMENTS)
+    if any(isinstance(m, MXAMixer) for m in model.modules()):
+        raise ValueError("this model already has MXA blocks")
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, EfficientVitBlock)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no EfficientVitBlock: MXA goes into timm's "
                          f"EfficientViT-M (efficientvit_m0 … efficientvit_m5)")
-    for block in blocks:
-        if isinstance(block.mixer, MXAMixer):
-            raise ValueError("this model already has MXA blocks")
+    for name, block in blocks:
         window_attention = block.mixer.m
         mxa = MXABlock(window_attention.dim, crop=crop, roi_init=roi_init)
-        block.mixer = MXAMixer(window_attention, mxa, mode=mxa_mode,
-                               drop=getattr(block.mixer, "drop", 0.0))
-    model.mxa_config = dict(mxa_mode=mxa_mode, crop=crop, roi_init=roi_init)
+        mixer = MXAMixer(window_attention, mxa, mode=mxa_mode,
+                         drop=getattr(block.mixer, "drop", 0.0))
+        if placement == "mixer":
+            block.mixer = mixer
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, MXAAtBlockInput(block, mixer))
+    model.mxa_config = dict(mxa_mode=mxa_mode, crop=crop, roi_init=roi_init, placement=placement)
     return model
 
 
@@ -347,8 +416,9 @@ def _holds_mxa_weights(pretrained: Any) -> bool:
 def build_efficientvit_mxa(variant: str, num_classes: int, in_chans: int, image_size: int,
                            pretrained: bool | str = False, mxa_mode: str = "sum",
                            crop: str = "faithful", roi_init: str = "default",
-                           **kwargs: Any) -> nn.Module:
-    """timm's ``variant`` (weights as ``pretrained`` asks, into the backbone) plus MXA blocks.
+                           mxa_placement: str = "mixer", **kwargs: Any) -> nn.Module:
+    """timm's ``variant`` (weights as ``pretrained`` asks, into the backbone) plus MXA blocks,
+    placed as ``mxa_placement`` says (``"mixer"``, ours; ``"block_input"``, the authors' code).
 
     A weight file that already holds MXA weights (one of our checkpoints) must fit the model
     exactly; timm's own weights are adapted by timm (first conv, classifier, bias tables).
@@ -357,10 +427,12 @@ def build_efficientvit_mxa(variant: str, num_classes: int, in_chans: int, image_
     _check_choice("mxa_mode", mxa_mode, MXA_MODES)
     _check_choice("crop", crop, CROP_MODES)
     _check_choice("roi_init", roi_init, ROI_INITS)
+    _check_choice("mxa_placement", mxa_placement, MXA_PLACEMENTS)
     mxa_file = _holds_mxa_weights(pretrained)
     model = create_timm_model(variant, num_classes, in_chans=in_chans, image_size=image_size,
                               pretrained=False if mxa_file else pretrained, **kwargs)
-    model = add_mxa(model, mxa_mode=mxa_mode, crop=crop, roi_init=roi_init)
+    model = add_mxa(model, mxa_mode=mxa_mode, crop=crop, roi_init=roi_init,
+                    placement=mxa_placement)
     if mxa_file:
         load_exact(model, read_state_dict(pretrained), source=f"weights in {pretrained}")
     return model
@@ -380,6 +452,7 @@ def _register(variant: str) -> None:
 for _variant in EFFICIENTVIT_VARIANTS:
     _register(_variant)
 
-__all__ = ["CROP_MODES", "MXA_MODES", "ROI_INITS", "ROIHead", "ChannelAttention",
-           "SpatialAttention", "MXABlock", "MXAMixer", "add_mxa", "mxa_blocks", "last_boxes",
-           "crop_to_boxes", "pixel_bounds", "build_efficientvit_mxa"]
+__all__ = ["CROP_MODES", "MXA_MODES", "MXA_PLACEMENTS", "ROI_INITS", "ROIHead",
+           "ChannelAttention", "SpatialAttention", "MXABlock", "MXAMixer", "MXAAtBlockInput",
+           "add_mxa", "mxa_blocks", "last_boxes", "crop_to_boxes", "pixel_bounds",
+           "build_efficientvit_mxa"]

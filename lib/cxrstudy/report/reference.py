@@ -2,7 +2,8 @@
 
 Each number carries where it comes from; a number we could not source is recorded with the
 reason instead of a value. :func:`check_reference` refuses an entry without a source, so a
-number cannot slip in unreferenced.
+number cannot slip in unreferenced. A ``value`` is one number or, for a per-class metric, a
+mapping of class names to numbers (the report's per-class table reads it so).
 """
 from __future__ import annotations
 
@@ -27,9 +28,20 @@ def reference_path(params_dir: Path | None = None) -> Path:
     return (Path(params_dir) if params_dir else repo_root() / "params") / REFERENCE_FILE
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_per_class(value: Any) -> bool:
+    """A non-empty mapping of class names to numbers."""
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(k, str) and _is_number(v) for k, v in value.items()))
+
+
 def check_reference(data: dict, where: str = REFERENCE_FILE) -> dict:
     """Every number names its metric, dataset, split, setting and source, and has exactly one of
-    ``value`` (a number) or ``not_available`` (a non-empty reason). Returns ``data``."""
+    ``value`` (a number, or a per-class mapping of names to numbers) or ``not_available`` (a
+    non-empty reason). Returns ``data``."""
     papers = data.get("papers") if isinstance(data, dict) else None
     if not papers:
         raise ReferenceError(f"{where}: no 'papers'")
@@ -47,12 +59,12 @@ def check_reference(data: dict, where: str = REFERENCE_FILE) -> dict:
             if missing or not source.get("where") or not source.get("checked"):
                 raise ReferenceError(f"{label}: source needs {list(SOURCE_FIELDS)} "
                                      "('where' and 'checked' non-empty)")
-            has_value = isinstance(number.get("value"), (int, float)) and not isinstance(
-                number.get("value"), bool)
+            has_value = _is_number(number.get("value")) or _is_per_class(number.get("value"))
             reason = number.get("not_available")
             if has_value == bool(reason):
-                raise ReferenceError(f"{label}: give either a numeric 'value' or a "
-                                     "'not_available' reason, not both or neither")
+                raise ReferenceError(f"{label}: give either a numeric 'value' (or a mapping of "
+                                     "class names to numbers) or a 'not_available' reason, not "
+                                     "both or neither")
     return data
 
 

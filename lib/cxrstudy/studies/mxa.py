@@ -111,15 +111,22 @@ def arms_table(arms: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame([dict(arm=a, **asdict(ARMS[a])) for a in arms])
 
 
+def _meta_model(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
+    """``create_model(name, …)`` on the meta device: shapes only, nothing allocated or
+    initialised, so counting even M5 at 224 px takes a fraction of a second."""
+    with torch.device("meta"):
+        return create_model(name, num_classes, **kwargs)
+
+
 def parameter_counts(variants: Iterable[str] = ("efficientvit_m0", "efficientvit_m5"),
                      num_classes: int = 14, in_chans: int = 1, image_size: int = 224
                      ) -> pd.DataFrame:
-    """Parameters with and without MXA, the paper's counts beside ours (in millions)."""
+    """Parameters with and without MXA (millions), the paper's rounded counts beside ours."""
     rows = []
     for variant in variants:
-        plain = create_model(variant, num_classes, in_chans=in_chans, image_size=image_size)
-        with_mxa = create_model(f"{variant}_mxa", num_classes, in_chans=in_chans,
-                                image_size=image_size)
+        shape = dict(in_chans=in_chans, image_size=image_size)
+        plain = _meta_model(variant, num_classes, **shape)
+        with_mxa = _meta_model(f"{variant}_mxa", num_classes, **shape)
         paper = PAPER_PARAMETERS_M.get(variant, {})
         rows.append({
             "model": variant, "without MXA (M)": count_parameters(plain) / 1e6,
@@ -128,6 +135,40 @@ def parameter_counts(variants: Iterable[str] = ("efficientvit_m0", "efficientvit
             "paper without (M)": paper.get("without MXA", np.nan),
             "paper with (M)": paper.get("with MXA", np.nan),
         })
+    return pd.DataFrame(rows)
+
+
+#: The authors' three logged runs (``Results/ablation_study/<log>/log.txt`` in their repository)
+#: and the ``create_model`` arguments that rebuild each model: the baseline's count is that of a
+#: three-channel stem, the MXA runs have one channel, and the KD run adds the distillation head.
+AUTHORS_RUNS: dict[str, dict] = {
+    "baseline": {"log": "augs:u1", "model": "efficientvit_m5", "in_chans": 3},
+    "mxa": {"log": "augs:u1+MXA", "model": "efficientvit_m5_mxa", "in_chans": 1},
+    "mxa_kd": {"log": "augs:u1+MXA+KD", "model": "efficientvit_m5_mxa", "in_chans": 1,
+               "distilled": True},
+}
+#: ``n_parameters`` of each of those logs (params/paper_reference.yaml, ``log_n_parameters.*``).
+AUTHORS_N_PARAMETERS = reference.values_by_prefix("mxa", "log_n_parameters")
+#: Their class count and input size (args.txt: nb_classes 14, input_size 224).
+AUTHORS_NUM_CLASSES = _PAPER["setting"]["classes"]
+AUTHORS_IMAGE_SIZE = _PAPER["setting"]["image_size"]
+
+
+def authors_parameter_counts() -> pd.DataFrame:
+    """The authors' logged ``n_parameters`` beside ``create_model``'s count of the configuration
+    that rebuilds each run (:data:`AUTHORS_RUNS`): exact integers, and their difference."""
+    rows = []
+    for run, spec in AUTHORS_RUNS.items():
+        kwargs = {k: v for k, v in spec.items() if k not in ("log", "model")}
+        kwargs["image_size"] = AUTHORS_IMAGE_SIZE
+        ours = count_parameters(_meta_model(spec["model"], AUTHORS_NUM_CLASSES, **kwargs))
+        call = ", ".join([repr(spec["model"]), str(AUTHORS_NUM_CLASSES)]
+                         + [f"{k}={v!r}" for k, v in kwargs.items()])
+        logged = AUTHORS_N_PARAMETERS.get(run)
+        rows.append({"run": run, "authors' log": f"Results/ablation_study/{spec['log']}/log.txt",
+                     "configuration": f"create_model({call})",
+                     "authors' n_parameters": logged, "ours": ours,
+                     "ours − authors'": None if logged is None else ours - logged})
     return pd.DataFrame(rows)
 
 
@@ -352,22 +393,6 @@ def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = Non
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    try:
-        model(images.to(device))
-    finally:
-        model.train(was_training)
-    return {name: block.last_boxes.cpu().numpy() for name, block in mxa_blocks(student)}
-
-
-@torch.no_grad()
-def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = None
-                   ) -> pd.DataFrame:
-    """Per block, over the loader's images: how often the crop fell back to the whole map
-    (empty or inverted box), the mean area actually cropped, and the mean predicted box."""
-    student = _student(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     fallback: dict[str, list] = {name: [] for name, _ in mxa_blocks(student)}
     area = {name: [] for name in fallback}
     predicted = {name: [] for name in fallback}
@@ -397,6 +422,7 @@ def box_statistics(model: torch.nn.Module, loader, max_batches: int | None = Non
 
 
 __all__ = ["ARMS", "Arm", "PAPER", "PAPER_MICRO_AUC", "PAPER_PARAMETERS_M", "arm_model",
-           "arms_table", "parameter_counts", "train_arm", "prepare_teacher", "sibling_run", "block_shapes", "roi_boxes", "box_statistics",
+           "arms_table", "parameter_counts", "authors_parameter_counts", "AUTHORS_RUNS",
+           "AUTHORS_N_PARAMETERS", "train_arm", "prepare_teacher", "sibling_run", "block_shapes", "roi_boxes", "box_statistics",
            "PAPER_GAIN", "PAPER_MICRO_AUC_BY_ARM", "paper_micro_auc_by_arm", "VIEWS",
            "view_options", "authors_baseline_check", "paper_gain_parts", "paper_gain_sentence"]
