@@ -138,10 +138,10 @@ def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path):
                          attention_loss="sparsity")
     history = trainer.fit(_batches(1, 64), _batches(1, 64, seed=1))
     assert history["train_loss"].notna().all()
-    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    payload = load_checkpoint(tmp_path / "run" / "best.pt")  # last.pt goes when a run completes
     assert payload["train_config"]["can"] == {"branch_weight": 1.0, "attention_weight": 0.1,
                                               "attention_loss": "sparsity"}
-    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "last.pt")
+    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "best.pt")
     assert isinstance(rebuilt, CrossAttentionNetwork)
     assert list(meta["model_config"]["kwargs"]["backbones"]) == ["test_resnet",
                                                                  "test_efficientnet"]
@@ -203,7 +203,7 @@ def test_the_ensemble_trains_on_cans_loss_without_the_attention_term(tmp_path):
     assert not model.output_branches
     history = trainer.fit(_batches(2, 32), _batches(1, 32, seed=1))
     assert history["train_loss"].notna().all()
-    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "last.pt")
+    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "best.pt")
     assert isinstance(rebuilt, LogitEnsemble) and meta["model_config"]["name"] == "logit_ensemble"
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():

@@ -281,7 +281,7 @@ def test_distillation_trainer_trains_the_student_and_never_the_teacher(tmp_path)
     before = _state_copy(teacher)
     student_before = _state_copy(student)
     config = TrainConfig(epochs=2, lr=1e-2, warmup_epochs=0, checkpoint_dir=str(tmp_path / "run"),
-                         progress=False)
+                         progress=False, keep_last=True)  # last.pt keeps the optimiser
     trainer = DistillationTrainer(student, config, class_names=["A", "B", "C"], teacher=teacher,
                                   alpha=0.4, tau=2.0, mode="soft")
     history = trainer.fit(_batches(), _batches(2, seed=1))
@@ -372,7 +372,7 @@ def test_train_and_evaluate_runs_a_distilled_student(tmp_path):
                              trainer_kwargs={"teacher": teacher, "alpha": 0.5, "tau": 2.0})
     assert run.probs.shape == (len(data.test), len(data.classes))
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
-    payload = load_checkpoint(tmp_path / "kd/checkpoints/kd/last.pt")
+    payload = load_checkpoint(tmp_path / "kd/checkpoints/kd/best.pt")
     assert payload["model"].keys() == student.state_dict().keys()
     assert payload["train_config"]["distillation"]["tau"] == 2.0
 

@@ -175,7 +175,7 @@ def test_command_line_entry_point(trained_run, fake_dataset, tmp_path, capsys):
     run_dir, _ = trained_run
     root, _ = fake_dataset
     out = tmp_path / "cli.json"
-    args = argparse.Namespace(checkpoint=str(run_dir / "last.pt"), dataset="fake-test",
+    args = argparse.Namespace(checkpoint=str(run_dir / "best.pt"), dataset="fake-test",
                               root=str(root), split="test", image_size=None, batch_size=8,
                               n_boot=5, out=str(out))
     assert main_evaluate(args) == 0
@@ -191,7 +191,7 @@ def test_command_line_entry_point(trained_run, fake_dataset, tmp_path, capsys):
 def test_checkpoints_without_class_names_are_refused(trained_run, fake_dataset, tmp_path):
     run_dir, _ = trained_run
     root, _ = fake_dataset
-    payload = torch.load(run_dir / "last.pt", weights_only=True)
+    payload = torch.load(run_dir / "best.pt", weights_only=True)
     payload["class_names"] = None
     torch.save(payload, tmp_path / "nameless.pt")
     with pytest.raises(ValueError, match="no class names"):

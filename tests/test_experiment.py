@@ -43,7 +43,8 @@ def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
     assert 0.0 <= run.overall["macro_auc"] <= 1.0
     saved = np.load(tmp_path / "run/predictions/resnet18.npz", allow_pickle=False)
     assert np.allclose(saved["probs"], run.probs)
-    assert (tmp_path / "run/checkpoints/resnet18/last.pt").is_file()
+    assert (tmp_path / "run/checkpoints/resnet18/best.pt").is_file()  # marked complete,
+    assert not (tmp_path / "run/checkpoints/resnet18/last.pt").exists()  # resume state dropped
     assert (tmp_path / "run/tables/history_resnet18.csv").is_file()
     row = run.row()
     assert row["model"] == "resnet18" and row["epochs"] == 2 and row["best epoch"] in (1, 2)
@@ -61,7 +62,7 @@ def test_augmentation_options_and_min_lr_reach_the_trainer(tmp_path):
     run = train_and_evaluate("resnet18", data, out, tag="recipe", epochs=1, batch_size=32,
                              n_boot=20, min_lr=1e-5, augment={"elastic_p": 0.6, "blur_p": 0.4},
                              progress=False)
-    payload = load_checkpoint(run.checkpoint_dir / "last.pt")
+    payload = load_checkpoint(run.checkpoint_dir / "best.pt")
     assert payload["train_config"]["min_lr"] == 1e-5
     metrics = run_metrics({"recipe": run})
     assert metrics["recipe"]["epochs_trained"] == 1

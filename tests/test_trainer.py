@@ -174,7 +174,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_checkpoints_hold_what_rebuilding_and_resuming_need(tmp_path):
-    trainer = Trainer(new_model(), config(checkpoint_dir=tmp_path), class_names=["a", "b", "c"])
+    trainer = Trainer(new_model(), config(checkpoint_dir=tmp_path, keep_last=True),
+                      class_names=["a", "b", "c"])
     trainer.fit(loader(), loader(24, seed=1, shuffle=False))
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["epoch"] == 2 and len(last["history"]) == 2
@@ -191,6 +192,42 @@ def test_checkpoints_hold_what_rebuilding_and_resuming_need(tmp_path):
     trainer.load_best()
     for key, value in best["model"].items():
         assert torch.equal(trainer.unwrapped_model.state_dict()[key], value)
+    # the resume state lives in last.pt only: best.pt is read for its weights
+    assert last["optimizer"]["state"] and last["rng"] is not None
+    assert best["optimizer"] is None and best["rng"] is None and best["scheduler"] is None
+
+
+def test_a_completed_run_keeps_only_best_pt_and_resumes_to_the_same_result(tmp_path):
+    trainer = Trainer(new_model(), config(checkpoint_dir=tmp_path), class_names=["a", "b", "c"])
+    history = trainer.fit(loader(), loader(24, seed=1, shuffle=False))
+    assert not (tmp_path / "last.pt").exists()
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["completed"] and best["final_epoch"] == 2 and best["optimizer"] is None
+    assert [row["epoch"] for row in best["final_history"]] == [1, 2]
+    # a full checkpoint is about three times the slim one (AdamW keeps two moments per weight)
+    full = tmp_path / "full"
+    Trainer(new_model(), config(checkpoint_dir=full, keep_last=True)).fit(
+        loader(), loader(24, seed=1, shuffle=False))
+    assert (full / "last.pt").stat().st_size > 2.5 * (tmp_path / "best.pt").stat().st_size
+
+    class Untrainable(Trainer):
+        def training_step(self, batch):
+            raise AssertionError("a completed run must not train again")
+
+    again = Untrainable(new_model(seed=7), config(checkpoint_dir=tmp_path, resume=True),
+                        class_names=["a", "b", "c"])
+    pd.testing.assert_frame_equal(again.fit(loader(), loader(24, seed=1, shuffle=False)), history)
+    trainer.load_best()
+    for key, value in trainer.unwrapped_model.state_dict().items():
+        assert torch.equal(again.unwrapped_model.state_dict()[key], value), key
+
+
+def test_without_validation_last_pt_stays_without_its_resume_state(tmp_path):
+    history = Trainer(new_model(), config(epochs=1, checkpoint_dir=tmp_path)).fit(loader())
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["completed"] and last["optimizer"] is None and not (tmp_path / "best.pt").exists()
+    again = Trainer(new_model(), config(epochs=1, checkpoint_dir=tmp_path, resume=True))
+    pd.testing.assert_frame_equal(again.fit(loader()), history)
 
 
 def test_an_existing_run_is_never_silently_replaced(tmp_path):
@@ -214,9 +251,9 @@ def test_early_stopping_after_patience_epochs_without_a_better_auc(tmp_path):
     history = trainer.fit(loader(), loader(24, seed=1, shuffle=False))
     assert history["epoch"].tolist() == [1, 2, 3]
     assert history["val_macro_auc"].nunique() == 1
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
-    last = load_checkpoint(tmp_path / "last.pt")
-    assert last["stopped_early"] and last["epochs_without_improvement"] == 2
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 1
+    assert best["final_stopped_early"] and best["final_epoch"] == 3
 
 
 def test_predict_uses_ema_weights_and_keeps_loader_order():

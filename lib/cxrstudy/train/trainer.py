@@ -47,7 +47,10 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_macro_auc", "lr", "se
 # Settings that only change how a run is watched or stored, not what it computes: a run may be
 # resumed with other values of these.
 _OPERATIONAL_FIELDS = {"checkpoint_dir", "resume", "overwrite", "log_every", "progress",
-                       "channels_last", "compile"}
+                       "channels_last", "compile", "keep_last"}
+# What only continuing a run needs: kept in last.pt, never in best.pt (which is read for its
+# weights). An AdamW state is twice the model's size, so best.pt is a third of last.pt.
+_RESUME_ONLY = ("optimizer", "scheduler", "rng", "loader_rng", "augment")
 
 
 @dataclass
@@ -59,7 +62,9 @@ class TrainConfig:
     validation macro AUC (None: never). ``mixed_precision``: "auto" (bf16 on CUDA, none on
     CPU), "no", "bf16" or "fp16". ``cpu`` forces the CPU even where a GPU exists.
     ``resume`` continues from ``checkpoint_dir/last.pt`` when it exists; ``overwrite`` allows
-    replacing the checkpoints of another run in ``checkpoint_dir``.
+    replacing the checkpoints of another run in ``checkpoint_dir``. When a run with validation
+    completes, ``last.pt`` (the resume state, optimiser included) is deleted and ``best.pt`` is
+    marked complete, unless ``keep_last``; a completed run asked to resume returns at once.
 
     Speed only (the same computation, so a run may resume with other values): ``channels_last``
     stores weights and image batches NHWC on a CUDA device, where cuDNN's convolutions are faster
@@ -87,6 +92,7 @@ class TrainConfig:
     cpu: bool = False
     channels_last: bool = False
     compile: bool = False
+    keep_last: bool = False
 
     def __post_init__(self):
         if int(self.epochs) < 1:
@@ -372,6 +378,8 @@ class Trainer:
         if self.checkpoint_dir is None:
             return None
         payload = self.state_payload(name.removesuffix(".pt"), epoch, train_loader)
+        if name == ckpt.BEST_NAME:  # read for its weights only: no resume state
+            payload.update(dict.fromkeys(_RESUME_ONLY))
         path = None
         if self.accelerator.is_main_process:
             path = ckpt.save_checkpoint(payload, self.checkpoint_dir / name)
@@ -421,6 +429,37 @@ class Trainer:
         if payload.get("augment") is not None and hasattr(self.augment, "load_state_dict"):
             self.augment.load_state_dict(payload["augment"])  # its own random stream
 
+    def _load_completed(self, payload: dict) -> None:
+        """Weights and the whole run's history from a completed run's checkpoint."""
+        self.unwrapped_model.load_state_dict(payload["model"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.module.load_state_dict(payload["ema"])
+        self.history = [dict(row) for row in payload["final_history"]]
+        self.best_val_macro_auc = float(payload.get("best_val_macro_auc", -math.inf))
+        self.best_epoch = payload.get("best_epoch")
+        self.stopped_early = bool(payload.get("final_stopped_early", False))
+        self.global_step = int(payload.get("global_step", 0))
+
+    def _finish(self) -> None:
+        """Mark the run complete in its checkpoint and drop last.pt's resume state (unless
+        ``keep_last``): a completed run keeps only what evaluation reads."""
+        directory = self.checkpoint_dir
+        if directory is None or self.config.keep_last or not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
+        best, last = directory / ckpt.BEST_NAME, directory / ckpt.LAST_NAME
+        done = {"completed": True, "final_epoch": len(self.history),
+                "final_history": [dict(row) for row in self.history],
+                "final_stopped_early": bool(self.stopped_early)}
+        if best.is_file():
+            ckpt.save_checkpoint({**ckpt.load_checkpoint(best), **done}, best)
+            last.unlink(missing_ok=True)
+        elif last.is_file():  # no validation, so no best.pt: last.pt holds the weights
+            payload = ckpt.load_checkpoint(last)
+            payload.update(dict.fromkeys(_RESUME_ONLY))
+            ckpt.save_checkpoint({**payload, **done}, last)
+        self.accelerator.wait_for_everyone()
+
     def load_best(self) -> dict:
         """Load ``best.pt``'s weights (and EMA) into this trainer's model; returns the payload."""
         if self.checkpoint_dir is None:
@@ -441,9 +480,20 @@ class Trainer:
         else:
             existing = ckpt.existing_checkpoints(directory)
             last = directory / ckpt.LAST_NAME
+            best = directory / ckpt.BEST_NAME
+            if cfg.resume and not last.is_file() and best.is_file():
+                payload = ckpt.load_checkpoint(best)
+                if payload.get("completed"):  # a finished run whose last.pt was dropped
+                    self._check_same_run(payload, best)
+                    self._load_completed(payload)
+                    logger.info("%s holds a completed run: nothing to train", best)
+                    return int(payload["final_epoch"])
             if cfg.resume and last.is_file():
                 payload = ckpt.load_checkpoint(last)
                 self._check_same_run(payload, last)
+                if payload.get("completed"):
+                    self._load_completed(payload)
+                    return int(payload["final_epoch"])
                 self.load_state(payload, train_loader)
                 logger.info("resumed from %s after epoch %d", last, payload["epoch"])
                 return int(payload["epoch"])
@@ -517,6 +567,7 @@ class Trainer:
                 logger.info("early stopping after epoch %d: no better validation macro AUC "
                             "for %d epochs", epoch + 1, cfg.early_stopping_patience)
                 break
+        self._finish()
         return self.history_frame()
 
     def _train_epoch(self, loader, epoch: int, steps_per_epoch: int) -> dict[str, Any]:
