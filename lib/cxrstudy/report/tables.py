@@ -134,7 +134,10 @@ def _footnotes(paper: dict, numbers: list[dict]) -> list[str]:
     notes = []
     for n in numbers:
         if "value" in n:
-            notes.append(f"{n['metric']} {n['value']} ({n['setting']}): {paper['short']}, "
+            value = n["value"]
+            if isinstance(value, dict):  # a per-class mapping: its numbers are the table's column
+                value = f"({len(value)} classes, in the table)"
+            notes.append(f"{n['metric']} {value} ({n['setting']}): {paper['short']}, "
                          f"{source_label(n)}")
         else:
             notes.append(f"{n['metric']}: not available — {n['not_available']}")
