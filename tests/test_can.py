@@ -307,32 +307,19 @@ def test_losses_ignore_masked_entries_and_survive_an_empty_mask():
         assert empty.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
 
 
-def test_weight_files_load_only_when_they_fit(tmp_path):
+@pytest.mark.parametrize("name, misfit", [("can", {"channels": 16}),
+                                           ("logit_ensemble",
+                                            {"backbones": ("test_resnet", "test_efficientnet")})])
+def test_weight_files_load_only_when_they_fit(tmp_path, name, misfit):
     seed_everything(0)
-    model = _can(size=32, **TWO_RESNETS).eval()
-    path = tmp_path / "can.pt"
+    model = create_model(name, len(CLASSES), image_size=32, **TWO_RESNETS).eval()
+    path = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), path)
-    again = create_model("can", len(CLASSES), image_size=32, pretrained=str(path),
+    again = create_model(name, len(CLASSES), image_size=32, pretrained=str(path),
                          **TWO_RESNETS).eval()
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(again(x), model(x), atol=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
-        create_model("can", len(CLASSES), image_size=32, pretrained=str(path), channels=16,
-                     **TWO_RESNETS)
-
-
-def test_ensemble_weight_files_load_only_when_they_fit(tmp_path):
-    seed_everything(0)
-    pair = dict(backbones=("test_resnet", "test_resnet"))
-    model = create_model("logit_ensemble", len(CLASSES), image_size=32, **pair).eval()
-    path = tmp_path / "ensemble.pt"
-    torch.save(model.state_dict(), path)
-    again = create_model("logit_ensemble", len(CLASSES), image_size=32, pretrained=str(path),
-                         **pair).eval()
-    x = torch.rand(2, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(again(x), model(x), atol=1e-6)
-    with pytest.raises(ValueError, match="does not fit"):
-        create_model("logit_ensemble", len(CLASSES), image_size=32, pretrained=str(path),
-                     backbones=("test_resnet", "test_efficientnet"))
+        create_model(name, len(CLASSES), image_size=32, pretrained=str(path),
+                     **{**TWO_RESNETS, **misfit})

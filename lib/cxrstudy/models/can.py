@@ -144,11 +144,7 @@ class CrossAttentionNetwork(nn.Module):
         return torch.cat([a.mean(dim=1, keepdim=True) for a in self.last_attention], dim=1)
 
     def no_weight_decay(self) -> set[str]:
-        names = set()
-        for i, backbone in enumerate(self.backbones):
-            own = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
-            names |= {f"backbones.{i}.{name}" for name in own}
-        return names
+        return _no_weight_decay_of("backbones", self.backbones)
 
 
 class LogitEnsemble(nn.Module):
@@ -182,11 +178,16 @@ class LogitEnsemble(nn.Module):
         return out if self.output_branches else out.logits
 
     def no_weight_decay(self) -> set[str]:
-        names = set()
-        for i, network in enumerate(self.networks):
-            own = network.no_weight_decay() if hasattr(network, "no_weight_decay") else ()
-            names |= {f"networks.{i}.{name}" for name in own}
-        return names
+        return _no_weight_decay_of("networks", self.networks)
+
+
+def _no_weight_decay_of(prefix: str, modules: nn.ModuleList) -> set[str]:
+    """The members' own no-weight-decay parameter names (timm's hook), under ``prefix.i.``."""
+    names = set()
+    for i, module in enumerate(modules):
+        own = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+        names |= {f"{prefix}.{i}.{name}" for name in own}
+    return names
 
 
 def attention_loss(attention: Sequence[torch.Tensor], kind: str = "agree") -> torch.Tensor:
