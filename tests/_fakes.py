@@ -6,6 +6,8 @@ Two flavours, both real :class:`CXRDataset` subclasses:
   missing and corrupt files are genuine files on disk.
 - :class:`GeneratedCXR` draws each image from its id in memory (no files), for large counts.
 
+:func:`labelled_batches` gives trainer tests ready-made batches (image, target, mask, index).
+
 Every image is recognisable: its pixels are a function of its row in the fabricated release, so a
 test can tell which image landed in which cache row.
 """
@@ -21,6 +23,22 @@ from PIL import Image
 from cxrstudy.data.base import CXRDataset, read_image_file
 
 FAKE_CLASSES = ["Alpha", "Beta", "Gamma"]
+
+
+def labelled_batches(n: int, size: int, n_classes: int, seed: int = 0, batch: int = 4) -> list[dict]:
+    """``n`` one-channel batches as the loader yields them: random images and targets (seeded),
+    every label known except the second class of each batch's first image (mask 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n):
+        mask = torch.ones(batch, n_classes)
+        mask[0, 1] = 0.0
+        out.append({"image": torch.rand(batch, 1, size, size, generator=g),
+                    "target": (torch.rand(batch, n_classes, generator=g) > 0.5).float(),
+                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
+    return out
 
 
 def fake_pixels(number: int, size: int) -> np.ndarray:

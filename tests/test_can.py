@@ -13,6 +13,7 @@ from cxrstudy.models.can import (CANOutput, CANTrainer, CrossAttentionNetwork, L
                                  attention_loss)
 from cxrstudy.train import TrainConfig, Trainer, make_loss, seed_everything
 from cxrstudy.train.imbalance_losses import balance_weights, prevalence_pos_weight
+from _fakes import labelled_batches
 
 CLASSES = ["Atelectasis", "Effusion", "Nodule"]
 TWO_RESNETS = dict(backbones=("test_resnet", "test_resnet"))  # timm's tiny test ResNet
@@ -23,15 +24,7 @@ def _can(size: int = 64, **kwargs) -> CrossAttentionNetwork:
 
 
 def _batches(n: int, size: int, seed: int = 0, batch: int = 4) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for b in range(n):
-        mask = torch.ones(batch, len(CLASSES))
-        mask[0, 1] = 0.0
-        out.append({"image": torch.rand(batch, 1, size, size, generator=g),
-                    "target": (torch.rand(batch, len(CLASSES), generator=g) > 0.5).float(),
-                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
-    return out
+    return labelled_batches(n, size, len(CLASSES), seed, batch)
 
 
 # ---- the model --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from cxrstudy.models.distill import (DistilledClassifier, DistilledOutput, add_d
                                      is_distilled)
 from cxrstudy.train import TrainConfig, load_checkpoint, masked_bce, seed_everything
 from cxrstudy.train.distillation import DistillationTrainer, distillation_bce, kd_loss
+from _fakes import labelled_batches
 
 CLASSES = 3
 SIZE = 16
@@ -259,15 +260,7 @@ class TinyTeacher(nn.Module):
 
 
 def _batches(n_batches: int = 3, batch: int = 4, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for b in range(n_batches):
-        mask = torch.ones(batch, CLASSES)
-        mask[0, 1] = 0.0
-        out.append({"image": torch.rand(batch, 1, SIZE, SIZE, generator=g),
-                    "target": (torch.rand(batch, CLASSES, generator=g) > 0.5).float(),
-                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
-    return out
+    return labelled_batches(n_batches, SIZE, CLASSES, seed, batch)
 
 
 def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from cxrstudy.models.glori import (GLoRI, ClassQueryDecoderLayer, CrossAttention
                                    LinearProbe, read_tokens)
 from cxrstudy.train import TrainConfig, Trainer, make_loss, seed_everything
 from cxrstudy.train.imbalance_losses import masked_asl
+from _fakes import labelled_batches
 
 CLASSES = ["Atelectasis", "Effusion", "Nodule"]
 VIT = dict(backbone="deit_tiny", patch_size=4, embed_dim=16, depth=4, num_heads=2)
@@ -26,15 +27,7 @@ def _glori(**extra) -> GLoRI:
 
 
 def _batches(n: int, size: int, seed: int = 0, batch: int = 4) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for b in range(n):
-        mask = torch.ones(batch, len(CLASSES))
-        mask[0, 1] = 0.0
-        out.append({"image": torch.rand(batch, 1, size, size, generator=g),
-                    "target": (torch.rand(batch, len(CLASSES), generator=g) > 0.5).float(),
-                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
-    return out
+    return labelled_batches(n, size, len(CLASSES), seed, batch)
 
 
 # ---- shapes -----------------------------------------------------------------------------------

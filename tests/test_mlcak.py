@@ -24,6 +24,7 @@ from cxrstudy.train.losses import masked_bce
 from cxrstudy.train.mlcak import (GlobalLabels, MLCAKTrainer, dataset_global_labels,
                                   default_layer_pairs, finding_columns, global_labels,
                                   mlcak_loss)
+from _fakes import labelled_batches
 
 CLASSES = ["Atelectasis", "Effusion", "No Finding"]
 XRV_DATA = Path(importlib.util.find_spec("torchxrayvision").submodule_search_locations[0]) / "data"
@@ -364,15 +365,7 @@ def test_add_global_head_config_rebuilds_the_same_architecture():
 
 # ---- the trainer --------------------------------------------------------------------------------
 def _batches(n: int, size: int, seed: int = 0, batch: int = 4) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for b in range(n):
-        mask = torch.ones(batch, len(CLASSES))
-        mask[0, 1] = 0.0
-        out.append({"image": torch.rand(batch, 1, size, size, generator=g),
-                    "target": (torch.rand(batch, len(CLASSES), generator=g) > 0.5).float(),
-                    "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
-    return out
+    return labelled_batches(n, size, len(CLASSES), seed, batch)
 
 
 def _saved_path(folder):
