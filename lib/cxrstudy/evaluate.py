@@ -11,10 +11,7 @@ Command line: ``cxrstudy evaluate runs/nih/best.pt --dataset chexpert --split te
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .files import write_json_atomic
 from .models import create_model
 from .models.pretrained import load_exact
 from .train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint
@@ -89,20 +87,6 @@ def predict_probabilities(model: nn.Module, loader, device=None, progress: bool 
     if not parts["probs"]:
         raise ValueError("the loader yielded no batches")
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
-
-
-def _write_json_atomically(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=2, allow_nan=False)
-            stream.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def training_patients_in(dataset, checkpoint_path) -> int | None:
@@ -202,7 +186,7 @@ def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "
         "per_class": per_class.to_dict(orient="records"),
     })
     if out is not None:
-        _write_json_atomically(out, result)
+        write_json_atomic(out, result, allow_nan=False)
         result["out"] = str(out)
     return result
 

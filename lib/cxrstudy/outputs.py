@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from . import files
 
 
 def _jsonable(value: Any) -> Any:
@@ -34,13 +35,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(_jsonable(data), handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """``data`` (numpy values made plain, non-finite floats as null) as sorted JSON, written
+    atomically: a crash never leaves half a metrics or provenance file."""
+    files.write_json_atomic(path, _jsonable(data), sort_keys=True)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import paths
+from ..files import write_json_atomic
 from .base import CorruptImageError, CXRDataset, resize_uint8
 
 SIDECAR_VERSION = 1
@@ -62,11 +63,6 @@ def cache_paths(dataset: CXRDataset, cache_dir=None, size: int | None = None) ->
     stem = cache_stem(dataset, size)
     return folder / f"{stem}.u8", folder / f"{stem}.json"
 
-
-def _write_json_atomically(path: Path, content: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=1))
-    os.replace(tmp, path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -170,7 +166,7 @@ class ImageCache:
             "ids": ids, "failures": [], "complete": False,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json_atomically(sidecar_path, sidecar)
+        write_json_atomic(sidecar_path, sidecar, indent=1)
         tmp = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
         try:
             failures = cls._stream_pixels(dataset, tmp, size, progress, workers, chunk_size)
@@ -182,7 +178,7 @@ class ImageCache:
                                for row, reason in sorted(failures.items())]
         sidecar["complete"] = True
         sidecar["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_json_atomically(sidecar_path, sidecar)
+        write_json_atomic(sidecar_path, sidecar, indent=1)
         return cls(data_path, sidecar)
 
     @staticmethod

@@ -12,11 +12,12 @@ ids with a seeded permutation, so it depends only on (patient ids, seed, fractio
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..files import atomic_path
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -109,9 +110,8 @@ def save_splits(dataset, assignment, path, overwrite: bool = False) -> Path:
     table = pd.DataFrame({"image_id": dataset.records["image_id"].astype(str).to_numpy(),
                           "patient_id": dataset.records["patient_id"].astype(str).to_numpy(),
                           "split": assignment})
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        table.to_csv(temp, index=False)
     return path
 
 

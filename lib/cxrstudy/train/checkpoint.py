@@ -15,12 +15,12 @@ it has one), ``model_config`` (``model.cxr_config``),
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..files import atomic_path
 
 CHECKPOINT_FORMAT = "cxrstudy-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -67,17 +67,8 @@ def save_checkpoint(payload: dict, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **to_cpu(payload)}
     check_plain(payload, str(path))
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    with atomic_path(path, sync=True) as temp, open(temp, "wb") as stream:
+        torch.save(payload, stream)
     return path
 
 
