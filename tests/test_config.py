@@ -117,3 +117,21 @@ def test_papermill_reads_every_parameter_the_study_reads():
         source = "".join(source) if isinstance(source, list) else source
         seen_by_papermill = {p.name for p in PythonTranslator.inspect({"source": source})}
         assert seen_by_papermill == set(read_parameter_defaults(path)), path.name
+
+
+def test_a_shared_key_means_one_thing_in_every_notebook_that_reads_it():
+    """A profile's ``shared`` key reaches every notebook declaring it, so each declaring notebook
+    must mean the same thing by it: the same default. 07's CAM batch is ``cam_batch_size``, not
+    the training ``batch_size`` (which once set it to 128 without anyone asking)."""
+    import yaml
+    from conftest import REPO
+
+    specs = discover_notebooks(REPO / "notebooks")
+    shared = set()
+    for profile in ("tiny", "sample", "default", "paper"):
+        shared |= set(yaml.safe_load((REPO / "params" / f"{profile}.yaml").read_text())["shared"])
+    for key in sorted(shared):
+        defaults = {name: spec.defaults[key] for name, spec in specs.items() if key in spec.defaults}
+        assert len({json.dumps(v) for v in defaults.values()}) == 1, (key, defaults)
+    assert "batch_size" not in specs["07_explainability"].defaults
+    assert specs["07_explainability"].defaults["cam_batch_size"] == 16
