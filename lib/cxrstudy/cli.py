@@ -16,7 +16,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         set_threads(args.threads)
     try:
         results = run_notebooks(args.notebooks, args.profile, args.param, force=args.force,
-                                results_dir=args.results, progress=not args.quiet)
+                                results_dir=args.results, progress=not args.quiet,
+                                devices=args.devices)
     except (ConfigError, ValueError, DataUnavailableError, RunLockedError) as exc:
         print(f"cxrstudy run: {exc}", file=sys.stderr)
         return 2
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="CPU threads per kernel (sets OMP_NUM_THREADS; default: that variable, "
                           "else torch's choice). On a shared machine use fewer than its cores")
+    run.add_argument("--devices", default=None, metavar="LIST",
+                     help="run notebooks that do not depend on each other at the same time, one "
+                          "per device: GPU numbers (0,1,2,3) or cpu (cpu,cpu: two CPU workers, "
+                          "the cores shared out unless --threads); each notebook waits for the "
+                          "ones it depends on")
     run.set_defaults(func=_cmd_run)
 
     report = sub.add_parser("report", help="regenerate the tables and results/<profile>/index.html "

@@ -223,3 +223,49 @@ def resolve_parameters(
         values["profile"] = profile
         resolved[name] = values
     return resolved
+
+
+#: A parameter value ``run:<notebook>/<tag>`` reuses what another notebook of the same profile
+#: wrote (03's ``teacher: run:01_baseline/densenet121``), so that notebook is an upstream one.
+RUN_REFERENCE = "run:"
+
+
+def run_references(params: dict[str, Any]) -> dict[str, str]:
+    """``run:`` values among ``params`` (in lists and mappings too), as key → value."""
+    found: dict[str, str] = {}
+
+    def visit(key: str, value: Any) -> None:
+        if isinstance(value, str) and value.startswith(RUN_REFERENCE):
+            found[key] = value
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(f"{key}[{index}]", item)
+        elif isinstance(value, dict):
+            for sub, item in value.items():
+                visit(f"{key}.{sub}", item)
+
+    for key, value in params.items():
+        visit(key, value)
+    return found
+
+
+def notebook_dependencies(notebooks: dict[str, NotebookSpec],
+                          resolved: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Upstream notebooks of each notebook for one profile, in study order: the ones its
+    metadata declares (``cxrstudy.depends_on``, in its order: it feeds the fingerprint), then
+    the ones its resolved parameters name with ``run:<notebook>/…``. A reference to an unknown
+    notebook, or to itself, is refused."""
+    dependencies = {}
+    for name, spec in notebooks.items():
+        upstream = list(spec.depends_on)
+        for key, value in run_references(resolved.get(name, {})).items():
+            target = value[len(RUN_REFERENCE):].split("/", 1)[0]
+            if target == name:
+                raise ConfigError(f"{name}: {key}={value!r} refers to the notebook itself")
+            if target not in notebooks:
+                raise ConfigError(f"{name}: {key}={value!r} names no notebook; write "
+                                  f"run:<notebook>/<tag> with one of {', '.join(notebooks)}")
+            if target not in upstream:
+                upstream.append(target)
+        dependencies[name] = upstream
+    return dependencies

@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import NotebookSpec, discover_notebooks, resolve_parameters
+from .config import NotebookSpec, discover_notebooks, notebook_dependencies, resolve_parameters
 from .outputs import write_json_atomic
 from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
+from .schedule import Schedule, dependency_order
+from .workers import Worker, execute_in_process, make_workers, parse_devices
 
 PROVENANCE = "provenance.json"
 #: A run that stopped before it finished (killed, Ctrl-C, a failure) with the same fingerprint
@@ -210,6 +214,95 @@ def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
     )
 
 
+@dataclass
+class _Job:
+    """A notebook that is to run: what :meth:`_StudyRun.execute` needs."""
+
+    name: str
+    prefix: str
+    params: dict
+    fp: str
+    output_dir: Path
+
+
+class _StudyRun:
+    """The bookkeeping of one ``run_notebooks`` call: fingerprints and failures so far, and
+    the per-notebook steps shared by the sequential and the device-parallel runs."""
+
+    def __init__(self, notebooks, all_params, dependencies, profile, results_dir, force,
+                 kernel_name, progress, log, executor, total):
+        self.notebooks, self.all_params, self.dependencies = notebooks, all_params, dependencies
+        self.profile, self.results_dir, self.force = profile, results_dir, force
+        self.kernel_name, self.progress, self.log, self.executor = kernel_name, progress, log, executor
+        self.total = total
+        self.fingerprints: dict[str, str] = {}
+        self.failed: set[str] = set()
+
+    def prepare(self, name: str, position: int) -> NotebookResult | _Job:
+        """Blocked, up to date (a result), or a job to run; its upstream have all finished."""
+        spec = self.notebooks[name]
+        results_dir, profile = self.results_dir, self.profile
+        output_dir = (results_dir / profile / name).resolve()
+        params = dict(self.all_params[name], output_dir=str(output_dir))
+        depends_on = self.dependencies[name]
+        # a failed upstream counts as different from its later success (a report on it reruns)
+        upstream = [(self.fingerprints.get(d) or previous_fingerprint(results_dir / profile / d)
+                     or "missing") + (":failed" if d in self.failed else "") for d in depends_on]
+        fp = fingerprint(params, spec.path, upstream)
+        self.fingerprints[name] = fp
+        prefix = f"[{position}/{self.total}] {name}"
+        blocked = [d for d in depends_on if d in self.failed]
+        if blocked and not spec.runs_after_failed_upstream:
+            self.log(f"{prefix}: not run, it depends on failed {', '.join(blocked)}")
+            return NotebookResult(name, "blocked", 0.0, output_dir, f"depends on {blocked}")
+        if not self.force and previous_fingerprint(output_dir) == fp:
+            self.log(f"{prefix}: up to date, skipped (use --force to rerun)")
+            return NotebookResult(name, "skipped", 0.0, output_dir)
+        return _Job(name, prefix, params, fp, output_dir)
+
+    def execute(self, job: _Job, worker: Worker | None = None,
+                cancel: threading.Event | None = None) -> NotebookResult:
+        """Lock, archive, run and record one notebook; a worker runs it on its device."""
+        spec, params, fp, output_dir, prefix = (self.notebooks[job.name], job.params, job.fp,
+                                                job.output_dir, job.prefix)
+        log = self.log if worker is None else (lambda m: self.log(f"    {job.name}: {m.strip()}"))
+
+        def record(status: str, seconds: float, error: str | None) -> None:
+            entry = provenance_record(params, fp, status, seconds, error)
+            if worker is not None:
+                entry["worker"] = worker.describe()
+            write_json_atomic(output_dir / PROVENANCE, entry)
+
+        where = "" if worker is None else f" on {worker.label}"
+        self.log(f"{prefix}: running{where} (profile {self.profile}) → {output_dir}")
+        with RunLock(output_dir):
+            archive_previous(output_dir, fp, log)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            # written first, so a run killed mid-way is recognised (and resumed) next time
+            record("running", 0.0, None)
+            start = time.perf_counter()
+            error = None
+            extra = {} if worker is None else {"worker": worker, "cancel": cancel, "log": self.log}
+            try:
+                self.executor(spec, params, output_dir, kernel_name=self.kernel_name,
+                              progress=self.progress, **extra)
+                status = "ok"
+            except KeyboardInterrupt:
+                record("interrupted", time.perf_counter() - start, "KeyboardInterrupt")
+                raise
+            except Exception as exc:  # papermill raises PapermillExecutionError and others
+                status, error = "failed", describe_failure(exc)
+            seconds = time.perf_counter() - start
+            record(status, seconds, error)
+        self.log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error}" if error else ""))
+        return NotebookResult(job.name, status, seconds, output_dir, error)
+
+    def note(self, result: NotebookResult) -> NotebookResult:
+        if result.status in ("failed", "blocked"):
+            self.failed.add(result.name)
+        return result
+
+
 def run_notebooks(
     names: list[str] | str,
     profile: str,
@@ -221,70 +314,112 @@ def run_notebooks(
     kernel_name: str = "python3",
     progress: bool = True,
     log: Callable[[str], None] = print,
-    executor: Callable[..., None] = execute_notebook,
+    executor: Callable[..., None] | None = None,
     check_data: bool = True,
+    devices: str | None = None,
 ) -> list[NotebookResult]:
-    """Run the chosen notebooks of ``profile``; see the module docstring for the rules."""
+    """Run the chosen notebooks of ``profile``; see the module docstring for the rules.
+
+    ``devices`` (``"0,1,2,3"``, ``"cpu,cpu"``) runs notebooks that do not depend on each other
+    at the same time, one per device, each in a process of its own (:mod:`cxrstudy.workers`);
+    without it they run one after another in this process.
+    """
     notebooks = discover_notebooks(notebooks_dir)
     all_params = resolve_parameters(profile, overrides, notebooks, params_dir)  # fails before work
+    dependencies = notebook_dependencies(notebooks, all_params)
     absolute_data_root()
-    chosen = select(names, notebooks)
+    chosen = dependency_order(select(names, notebooks), dependencies)
+    workers = make_workers(parse_devices(devices)) if devices is not None else None
     if check_data:
         preflight_data([all_params[n] for n in chosen], log)
     results_dir = Path(results_dir) if results_dir else default_results_dir(log)
     log(f"results: {(Path(results_dir) / profile).resolve()}"
         + (f"; threads per kernel: {os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
            if os.environ.get("OMP_NUM_THREADS") else ""))
-    fingerprints: dict[str, str] = {}
-    failed: set[str] = set()
-    results: list[NotebookResult] = []
+    if executor is None:
+        executor = execute_notebook if workers is None else execute_in_process
+    run = _StudyRun(notebooks, all_params, dependencies, profile, results_dir, force,
+                    kernel_name, progress, log, executor, len(chosen))
 
-    for position, name in enumerate(chosen, 1):
-        spec = notebooks[name]
-        output_dir = (results_dir / profile / name).resolve()
-        params = dict(all_params[name], output_dir=str(output_dir))
-        # a failed upstream counts as different from its later success (a report on it reruns)
-        upstream = [(fingerprints.get(d) or previous_fingerprint(results_dir / profile / d) or "missing")
-                    + (":failed" if d in failed else "") for d in spec.depends_on]
-        fp = fingerprint(params, spec.path, upstream)
-        fingerprints[name] = fp
-        prefix = f"[{position}/{len(chosen)}] {name}"
-        blocked = [d for d in spec.depends_on if d in failed]
-        if blocked and not spec.runs_after_failed_upstream:
-            log(f"{prefix}: not run, it depends on failed {', '.join(blocked)}")
-            failed.add(name)
-            results.append(NotebookResult(name, "blocked", 0.0, output_dir, f"depends on {blocked}"))
-            continue
-        if not force and previous_fingerprint(output_dir) == fp:
-            log(f"{prefix}: up to date, skipped (use --force to rerun)")
-            results.append(NotebookResult(name, "skipped", 0.0, output_dir))
-            continue
-        log(f"{prefix}: running (profile {profile}) → {output_dir}")
-        with RunLock(output_dir):
-            archive_previous(output_dir, fp, log)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            # written first, so a run killed mid-way is recognised (and resumed) next time
-            write_json_atomic(output_dir / PROVENANCE,
-                              provenance_record(params, fp, "running", 0.0, None))
-            start = time.perf_counter()
-            error = None
-            try:
-                executor(spec, params, output_dir, kernel_name=kernel_name, progress=progress)
-                status = "ok"
-            except KeyboardInterrupt:
-                write_json_atomic(output_dir / PROVENANCE, provenance_record(
-                    params, fp, "interrupted", time.perf_counter() - start, "KeyboardInterrupt"))
-                raise
-            except Exception as exc:  # papermill raises PapermillExecutionError and others
-                status, error = "failed", describe_failure(exc)
-                failed.add(name)
-            seconds = time.perf_counter() - start
-            write_json_atomic(output_dir / PROVENANCE,
-                              provenance_record(params, fp, status, seconds, error))
-        log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error}" if error else ""))
-        results.append(NotebookResult(name, status, seconds, output_dir, error))
+    if workers is None:
+        results = []
+        for position, name in enumerate(chosen, 1):
+            outcome = run.prepare(name, position)
+            if isinstance(outcome, _Job):
+                outcome = run.execute(outcome)
+            results.append(run.note(outcome))
+        wall = None
+    else:
+        start = time.perf_counter()
+        results = _run_on_workers(run, chosen, workers)
+        wall = time.perf_counter() - start
 
     total = sum(r.seconds for r in results)
     log("time per notebook: " + ", ".join(f"{r.name} {r.seconds:.1f} s ({r.status})" for r in results)
-        + f"; total {total:.1f} s")
+        + f"; total {total:.1f} s"
+        + (f"; wall clock {wall:.1f} s on {len(workers)} workers" if wall is not None else ""))
     return results
+
+
+def _run_on_workers(run: _StudyRun, chosen: list[str], workers: list[Worker]) -> list[NotebookResult]:
+    """Start every ready notebook on a free worker, in dependency order, until all are done.
+
+    The first exception (Ctrl-C included) interrupts the notebooks in flight, waits until each
+    has recorded ``interrupted`` and released its lock, and is raised again.
+    """
+    say, lock = run.log, threading.Lock()
+
+    def log(message: str) -> None:
+        with lock:
+            say(message)
+
+    run.log = log
+    log("workers: " + ", ".join(w.label for w in workers))
+    schedule = Schedule(chosen, run.dependencies,
+                        [n for n in chosen if run.notebooks[n].runs_after_failed_upstream])
+    position = {name: index for index, name in enumerate(chosen, 1)}
+    cancel = threading.Event()
+    free, waiting = list(workers), []
+    in_flight: dict[Future, tuple[str, Worker]] = {}
+    results: dict[str, NotebookResult] = {}
+    problem: BaseException | None = None
+
+    def finish(result: NotebookResult) -> None:
+        results[result.name] = run.note(result)
+        schedule.finish(result.name, result.status in ("ok", "skipped"))
+
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="cxrstudy") as pool:
+        while in_flight or (problem is None and not schedule.done):
+            try:
+                if problem is None:
+                    for name in schedule.ready():
+                        schedule.start(name)
+                        outcome = run.prepare(name, position[name])
+                        if isinstance(outcome, _Job):
+                            waiting.append(outcome)
+                        else:
+                            finish(outcome)
+                    while waiting and free:
+                        job, worker = waiting.pop(0), free.pop(0)
+                        in_flight[pool.submit(run.execute, job, worker, cancel)] = (job.name, worker)
+                    if schedule.ready():
+                        continue  # skipped or blocked ones made others ready
+                finished, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name, worker = in_flight.pop(future)
+                    free.append(worker)
+                    try:
+                        finish(future.result())
+                    except BaseException as exc:  # noqa: BLE001 - stop the others, raise it below
+                        schedule.finish(name, False)
+                        if problem is None:
+                            problem = exc
+                            cancel.set()
+            except KeyboardInterrupt as exc:  # Ctrl-C here, in the runner itself
+                if problem is None:
+                    problem = exc
+                    cancel.set()
+                log(f"interrupted: waiting for {len(in_flight)} notebook(s) to stop and save")
+    if problem is not None:
+        raise problem
+    return [results[name] for name in schedule.order if name in results]
