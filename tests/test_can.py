@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cxrstudy.models import create_model
-from cxrstudy.models.can import (CANOutput, CANTrainer, CrossAttentionNetwork, LogitEnsemble,
-                                 attention_loss)
+from cxrstudy.models.can import CANOutput, CrossAttentionNetwork, LogitEnsemble
+from cxrstudy.train.can import CANTrainer, attention_loss
 from cxrstudy.train import TrainConfig, Trainer, make_loss, seed_everything
 from cxrstudy.train.imbalance_losses import balance_weights, prevalence_pos_weight
 from _fakes import labelled_batches

@@ -120,7 +120,7 @@ def test_can_arms_take_their_losses_and_weights_from_the_training_prevalence():
 
 def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attending(monkeypatch):
     import cxrstudy.experiment
-    from cxrstudy.models.can import CANTrainer
+    from cxrstudy.train.can import CANTrainer
 
     calls = {}
 

@@ -6,7 +6,7 @@
 """
 from .attention_maps import AttentionRecorder, TokenLayout, patch_size_for, token_layout
 from .distill import DistilledClassifier, DistilledOutput, add_distillation_head, is_distilled
-from .can import CANTrainer, CrossAttentionNetwork
+from .can import CrossAttentionNetwork
 from .factory import count_parameters, create_model
 from .glori import GLoRI, LinearProbe
 from .multitask import MultiTaskClassifier, MultiTaskOutput, add_global_head, is_multitask
@@ -24,4 +24,4 @@ __all__ = ["create_model", "count_parameters", "register_model", "unregister_mod
            "add_distillation_head", "is_distilled", "mxa", "AttentionRecorder", "TokenLayout",
            "patch_size_for", "token_layout", "MultiTaskClassifier", "MultiTaskOutput",
            "add_global_head", "is_multitask", "multitask", "glori", "can", "GLoRI", "LinearProbe",
-           "CANTrainer", "CrossAttentionNetwork", "SigmoidOutput"]
+           "CrossAttentionNetwork", "SigmoidOutput"]

@@ -22,22 +22,12 @@ only where both networks respond, which is what each learns from the other.
 ``model.last_attention`` holds (a₁, a₂) of the last forward (detached) and
 ``model.attention_maps()`` [B, 2, h, w] (channel mode: the channel mean) for drawing.
 
-Training (:class:`CANTrainer`, also a plain :class:`~cxrstudy.train.Trainer` works on z alone):
-
-    L = ℓ(z) + λ_b · ½ (ℓ(z₁) + ℓ(z₂)) + λ_a · L_att
-
-ℓ the trainer's class loss (e.g. ``make_loss("can_balance")``, CAN's multi-label balance loss
-in :mod:`cxrstudy.train.imbalance_losses`); λ_b (``branch_weight``) keeps each network a
-classifier in its own right (the two are "trained together", each with its loss). The attention
-loss (``attention_loss``):
-
-    "agree":    L_att = mean (a₁ − a₂)²   the two networks' attention should point at the same
-                                         regions (needs separate attention convs)
-    "sparsity": L_att = ½ (mean a₁ + mean a₂)   L1 on the maps (a ≥ 0): attend to few places
+Training is :class:`cxrstudy.train.can.CANTrainer` (a plain :class:`~cxrstudy.train.Trainer`
+also works on z alone); its loss, with the attention term, is written out there.
 
 The control that isolates the cross-attention is :class:`LogitEnsemble` (``"logit_ensemble"``):
 the same two networks, each with its own classifier, no attention between them, z = (z₁ + z₂)/2,
-trained by the same :class:`CANTrainer` loss (the attention term is absent: there are no maps).
+trained by the same CANTrainer loss (the attention term is absent: there are no maps).
 
 >>> create_model("can", 14, image_size=224, backbones=("resnet18", "densenet121"))
 >>> create_model("logit_ensemble", 14, image_size=224, backbones=("resnet18", "densenet121"))
@@ -50,12 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.trainer import TrainConfig, Trainer
 from .glori import headless_backbone
 from .registry import register_model
 
 ATTENTION_MODES = ("spatial", "channel")
-ATTENTION_LOSSES = ("agree", "sparsity")
 
 
 class CANOutput(NamedTuple):
@@ -133,7 +121,7 @@ class CrossAttentionNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """Mean logits [B, C]; the whole :class:`CANOutput` while ``output_branches`` is set
-        (:class:`CANTrainer` sets it around its own training calls)."""
+        (CANTrainer sets it around its own training calls)."""
         out = self.forward_branches(x)
         return out if self.output_branches else out.logits
 
@@ -156,7 +144,7 @@ class LogitEnsemble(nn.Module):
     is the timm classifier itself (global pool and its own linear head), so the ensemble has
     exactly the parameters of the two networks trained alone. ``forward`` returns z; with
     ``output_branches`` set, a :class:`CANOutput` with ``attention=None`` (what
-    :class:`CANTrainer` reads for its branch term). State-dict keys: ``networks.{0,1}.*``.
+    CANTrainer reads for its branch term). State-dict keys: ``networks.{0,1}.*``.
     """
 
     def __init__(self, network_1: nn.Module, network_2: nn.Module):
@@ -188,15 +176,6 @@ def _no_weight_decay_of(prefix: str, modules: nn.ModuleList) -> set[str]:
         own = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
         names |= {f"{prefix}.{i}.{name}" for name in own}
     return names
-
-
-def attention_loss(attention: Sequence[torch.Tensor], kind: str = "agree") -> torch.Tensor:
-    """L_att of the module docstring, in float32."""
-    _choice("attention_loss", kind, ATTENTION_LOSSES)
-    first, second = (a.float() for a in attention)
-    if kind == "agree":
-        return (first - second).pow(2).mean()
-    return (first.mean() + second.mean()) / 2
 
 
 # ---- registered name --------------------------------------------------------------------------
@@ -255,71 +234,5 @@ def build_logit_ensemble(num_classes, in_chans, image_size, pretrained=False, *,
     return LogitEnsemble(built[0], built[1])
 
 
-# ---- training ---------------------------------------------------------------------------------
-class CANTrainer(Trainer):
-    """Trains a :class:`CrossAttentionNetwork` on ``ℓ(z) + λ_b·½Σℓ(z_i) + λ_a·L_att``, or its
-    control :class:`LogitEnsemble` on the same loss without the attention term (it has no maps).
-
-    ``branch_weight`` λ_b, ``attention_weight`` λ_a, ``attention_loss`` "agree"/"sparsity"
-    (module docstring). These settings go into the checkpoints' ``train_config["can"]`` and a
-    resumed run must share them. ``last_terms`` holds the last step's terms (detached).
-    Validation and prediction use ``model(images)``, the mean logits.
-    """
-
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 branch_weight: float = 1.0, attention_weight: float = 0.1,
-                 attention_loss: str = "agree", **trainer_kwargs):
-        inner = getattr(model, "module", model)
-        if not isinstance(inner, (CrossAttentionNetwork, LogitEnsemble)):
-            raise TypeError(f"CANTrainer trains a CrossAttentionNetwork or a LogitEnsemble, got "
-                            f"{type(inner).__name__}")
-        _choice("attention_loss", attention_loss, ATTENTION_LOSSES)
-        if float(branch_weight) < 0 or float(attention_weight) < 0:
-            raise ValueError("branch_weight and attention_weight must not be negative")
-        if attention_loss == "agree" and attention_weight > 0 and \
-                getattr(inner, "shared_attention", False):
-            raise ValueError("attention_loss='agree' compares two attention maps, but the model "
-                             "shares one (shared_attention=True): use 'sparsity' or weight 0")
-        self.branch_weight, self.attention_weight = float(branch_weight), float(attention_weight)
-        self.attention_loss = attention_loss
-        self.last_terms: dict[str, torch.Tensor] = {}
-        super().__init__(model, config, **trainer_kwargs)
-
-    def can_settings(self) -> dict:
-        return {"branch_weight": self.branch_weight, "attention_weight": self.attention_weight,
-                "attention_loss": self.attention_loss}
-
-    def _identity(self) -> dict:
-        identity = super()._identity()
-        identity["train_config"] = dict(identity["train_config"], can=self.can_settings())
-        return identity
-
-    def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
-        payload = super().state_payload(kind, epoch, train_loader)
-        payload["train_config"] = dict(payload["train_config"], can=self.can_settings())
-        return payload
-
-    def training_step(self, batch: dict) -> torch.Tensor:
-        images = batch["image"]
-        if self.augment is not None:
-            images = self.augment(images)
-        model = self.unwrapped_model
-        model.output_branches = True  # through self.model, so DDP and autocast see the call
-        try:
-            out = self.model(images)
-        finally:
-            model.output_branches = False
-        target, mask = batch["target"], batch["mask"]
-        mean_term = self.loss_fn(out.logits, target, mask)
-        branch_term = sum(self.loss_fn(z, target, mask) for z in out.branch_logits) / 2
-        attention_term = (mean_term.new_zeros(()) if out.attention is None
-                          else attention_loss(out.attention, self.attention_loss))
-        total = mean_term + self.branch_weight * branch_term + \
-            self.attention_weight * attention_term
-        self.last_terms = {"mean": mean_term.detach(), "branches": branch_term.detach(),
-                           "attention": attention_term.detach(), "total": total.detach()}
-        return total
-
-
-__all__ = ["ATTENTION_MODES", "ATTENTION_LOSSES", "CANOutput", "CrossAttentionNetwork",
-           "LogitEnsemble", "attention_loss", "build_can", "build_logit_ensemble", "CANTrainer"]
+__all__ = ["ATTENTION_MODES", "CANOutput", "CrossAttentionNetwork", "LogitEnsemble", "build_can",
+           "build_logit_ensemble"]

@@ -1,7 +1,7 @@
 """The CAN study (Ma, Wang & Hoi, MICCAI 2019): each network alone, the two together (logits
 averaged), the two cross-attending, and CAN's balance loss against the usual remedies for class
-imbalance on the same two-network model. The mechanism is :mod:`cxrstudy.models.can`; the
-losses are :mod:`cxrstudy.train.imbalance_losses`.
+imbalance on the same two-network model. The mechanism is :mod:`cxrstudy.models.can` (trained by
+:mod:`cxrstudy.train.can`); the losses are :mod:`cxrstudy.train.imbalance_losses`.
 
 "CAN beats one network" mixes two effects: a second network, and the attention between them.
 The arms separate them (:func:`comparisons` lists which pair isolates what):
@@ -73,10 +73,10 @@ def train_arm(arm: str, data, out, *, backbones: Sequence[str] = ("resnet18", "d
 
     ``single``/``single_second``: ``backbones[0]``/``backbones[1]`` alone (plain trainer);
     ``ensemble``: ``"logit_ensemble"`` over both, and every ``can_*`` arm ``"can"``, both with
-    :class:`~cxrstudy.models.can.CANTrainer` (``branch_weight`` applies to both; the attention
+    :class:`~cxrstudy.train.can.CANTrainer` (``branch_weight`` applies to both; the attention
     settings only to CAN)."""
     from ..experiment import train_and_evaluate
-    from ..models.can import CANTrainer
+    from ..train.can import CANTrainer
 
     loss = arm_loss(arm, data, max_weight)
     if arm in ("single", "single_second"):

@@ -8,6 +8,7 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distillation import DistillationTrainer, kd_loss
 from .mlcak import MLCAKTrainer, global_labels, mlcak_loss
+from .can import CANTrainer
 from .losses import LOSSES, list_losses, make_loss, masked_bce, register_loss
 from . import imbalance_losses  # noqa: E402,F401  (registers focal, weighted_bce, asl, can_balance)
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
@@ -18,4 +19,4 @@ __all__ = ["Trainer", "TrainConfig", "Predictions", "launch_from_notebook",
            "resolve_mixed_precision", "HISTORY_COLUMNS", "masked_bce", "make_loss",
            "register_loss", "list_losses", "LOSSES", "save_checkpoint", "load_checkpoint",
            "seed_everything", "capture_rng_state", "restore_rng_state", "DistillationTrainer",
-           "kd_loss", "MLCAKTrainer", "mlcak_loss", "global_labels"]
+           "kd_loss", "MLCAKTrainer", "mlcak_loss", "global_labels", "CANTrainer"]
