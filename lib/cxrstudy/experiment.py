@@ -168,19 +168,28 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                        seed: int = 0, pretrained: bool = False, num_workers: int = 0,
                        loss: str | Any = "bce", trainer_cls=None, trainer_kwargs: dict | None = None,
                        model_kwargs: dict | None = None, progress: bool = True,
-                       channels_last: bool = True, compile: bool = False) -> RunResult:
+                       channels_last: bool = True, compile: bool = False, num_processes: int = 1,
+                       accelerate_config: str | None = None, cpu: bool = False) -> RunResult:
     """Train ``model`` (a registry name or a built module) on ``data`` and evaluate on its test split.
 
     Checkpoints go to ``<output_dir>/checkpoints/<tag>/`` (resumed when a same-config run was
     interrupted), the history to ``tables/history_<tag>.csv`` and the test predictions to
     ``predictions/<tag>.npz`` so later notebooks (DeLong tests, explainability) can reuse them.
-    ``channels_last`` (CUDA only) and ``compile`` change speed, not results.
-    """
-    from .data.augment import BatchAugment, from_config
-    from .metrics import summarize
-    from .models import create_model
-    from .train import TrainConfig, Trainer, make_loss, seed_everything
+    ``channels_last`` (CUDA only) and ``compile`` change speed, not results; ``cpu`` keeps the
+    run on the CPU where a GPU exists.
 
+    ``num_processes`` > 1, or an Accelerate config file naming several machines
+    (``accelerate_config``), trains data-parallel (DDP): that many processes are forked from this
+    one (:mod:`cxrstudy.train.launch`), each takes a slice of every global batch of
+    ``batch_size``, and the test predictions are gathered from all of them. This process then
+    holds the trained weights on the CPU and writes the same files as a one-process run; it must
+    not have used CUDA before (a forked process cannot inherit a CUDA context).
+    """
+    from .models import create_model
+    from .train import seed_everything
+    from .train.launch import plan_launch
+
+    plan = plan_launch(num_processes, accelerate_config)
     seed_everything(seed)
     if isinstance(model, str):
         model_name = model
@@ -190,28 +199,105 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
         model_name = getattr(model, "cxr_config", {}).get("name", type(model).__name__)
     tag = tag or model_name
     checkpoint_dir = out.root / "checkpoints" / tag
-    config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                         min_lr=min_lr,
-                         ema_decay=ema_decay or None, early_stopping_patience=early_stopping_patience or None,
-                         grad_clip=grad_clip, seed=seed, checkpoint_dir=str(checkpoint_dir), resume=True,
-                         progress=progress, channels_last=channels_last, compile=compile)
-    if augment is True:
-        augmenter = BatchAugment(seed=seed)
-    elif isinstance(augment, dict):
-        augmenter = from_config(dict(augment, seed=seed))
+
+    def build_trainer():
+        from .data.augment import BatchAugment, from_config
+        from .train import TrainConfig, Trainer, make_loss
+
+        config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay,
+                             warmup_epochs=warmup_epochs, min_lr=min_lr,
+                             ema_decay=ema_decay or None,
+                             early_stopping_patience=early_stopping_patience or None,
+                             grad_clip=grad_clip, seed=seed, checkpoint_dir=str(checkpoint_dir),
+                             resume=True, progress=progress, channels_last=channels_last,
+                             compile=compile, cpu=cpu)
+        if augment is True:
+            augmenter = BatchAugment(seed=seed)
+        elif isinstance(augment, dict):
+            augmenter = from_config(dict(augment, seed=seed))
+        else:
+            augmenter = None
+        loss_fn = make_loss(loss) if isinstance(loss, str) else loss
+        return (trainer_cls or Trainer)(model, config, loss_fn=loss_fn, augment=augmenter,
+                                        class_names=data.classes, **(trainer_kwargs or {}))
+
+    def fit_and_predict() -> tuple[Any, dict[str, Any]]:
+        trainer = build_trainer()
+        train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed, num_workers)
+        start = time.perf_counter()
+        history = trainer.fit(train_loader, val_loader)
+        train_seconds = time.perf_counter() - start
+        best_epoch = None
+        if (checkpoint_dir / "best.pt").is_file():  # model selection on validation macro AUC
+            best_epoch = int(trainer.load_best().get("epoch", 0)) or None
+        return trainer, {"history": history, "train_seconds": train_seconds,
+                         "best_epoch": best_epoch, "predictions": trainer.predict(test_loader)}
+
+    if plan.distributed:
+        result = _fit_and_predict_data_parallel(fit_and_predict, plan)
+        eval_model = _load_trained_weights(model, checkpoint_dir)
     else:
-        augmenter = None
-    loss_fn = make_loss(loss) if isinstance(loss, str) else loss
-    trainer = (trainer_cls or Trainer)(model, config, loss_fn=loss_fn, augment=augmenter,
-                                       class_names=data.classes, **(trainer_kwargs or {}))
-    train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed, num_workers)
-    start = time.perf_counter()
-    history = trainer.fit(train_loader, val_loader)
-    train_seconds = time.perf_counter() - start
-    best_epoch = None
-    if (checkpoint_dir / "best.pt").is_file():  # model selection on validation macro AUC
-        best_epoch = int(trainer.load_best().get("epoch", 0)) or None
-    predictions = trainer.predict(test_loader)
+        trainer, result = fit_and_predict()
+        eval_model = trainer.eval_model
+    return _evaluate_and_save(result, data, out, tag=tag, model_name=model_name, model=model,
+                              eval_model=eval_model, checkpoint_dir=checkpoint_dir,
+                              n_boot=n_boot, seed=seed)
+
+
+def _fit_and_predict_data_parallel(fit_and_predict, plan) -> dict[str, Any]:
+    """Run ``fit_and_predict`` in every process of ``plan``; return what process 0 of this
+    machine measured (each process holds the same history and the gathered predictions)."""
+    import pickle
+    import shutil
+    import tempfile
+
+    from .train.launch import launch
+
+    handoff_dir = Path(tempfile.mkdtemp(prefix="cxrstudy-ddp-"))
+    handoff = handoff_dir / "result.pkl"
+    try:
+        launch(_hand_off, args=(fit_and_predict, str(handoff)), plan=plan)
+        if not handoff.is_file():
+            raise RuntimeError("the data-parallel run ended without handing back its results")
+        with handoff.open("rb") as stream:
+            return pickle.load(stream)
+    finally:
+        shutil.rmtree(handoff_dir, ignore_errors=True)
+
+
+def _hand_off(fit_and_predict, path: str) -> None:
+    """In each launched process: train and predict; this machine's first process writes what
+    the notebook's process needs (history, timing, best epoch, test predictions) to ``path``."""
+    import pickle
+
+    trainer, result = fit_and_predict()
+    if trainer.accelerator.is_local_main_process:
+        with open(path, "wb") as stream:
+            pickle.dump(result, stream)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _load_trained_weights(model: torch.nn.Module, checkpoint_dir: Path) -> torch.nn.Module:
+    """The weights a data-parallel run evaluated (EMA when on), from its checkpoint, into
+    ``model`` on the CPU: best.pt, or last.pt where no epoch improved the validation AUC."""
+    from .train import load_checkpoint
+
+    for name in ("best.pt", "last.pt"):
+        if (checkpoint_dir / name).is_file():
+            payload = load_checkpoint(checkpoint_dir / name)
+            weights = payload.get("ema") if payload.get("ema") is not None else payload["model"]
+            model.load_state_dict(weights)
+            return model
+    raise FileNotFoundError(f"the data-parallel run left no checkpoint in {checkpoint_dir}")
+
+
+def _evaluate_and_save(result: dict[str, Any], data: StudyData, out: Outputs, *, tag: str,
+                       model_name: str, model: torch.nn.Module, eval_model: torch.nn.Module,
+                       checkpoint_dir: Path, n_boot: int, seed: int) -> RunResult:
+    """Test metrics with bootstrap CIs; the history table and the test predictions on disk."""
+    from .metrics import summarize
+
+    history, predictions = result["history"], result["predictions"]
     patient_ids = data.test.patient_ids[np.asarray(predictions.indices)]
     per_class, overall = summarize(predictions.targets, predictions.probs, data.classes,
                                    mask=predictions.masks, patient_ids=patient_ids,
@@ -223,11 +309,11 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                         masks=predictions.masks,
                         image_ids=data.test.records["image_id"].to_numpy()[np.asarray(predictions.indices)],
                         patient_ids=patient_ids, classes=np.asarray(data.classes))
-    return RunResult(tag=tag, model_name=model_name, model=trainer.eval_model, history=history,
+    return RunResult(tag=tag, model_name=model_name, model=eval_model, history=history,
                      probs=predictions.probs, targets=predictions.targets, masks=predictions.masks,
                      patient_ids=patient_ids, per_class=per_class, overall=overall,
-                     n_params=count_parameters(model), train_seconds=train_seconds,
-                     checkpoint_dir=checkpoint_dir, extra={"best_epoch": best_epoch})
+                     n_params=count_parameters(model), train_seconds=result["train_seconds"],
+                     checkpoint_dir=checkpoint_dir, extra={"best_epoch": result["best_epoch"]})
 
 
 def run_metrics(runs: dict[str, RunResult]) -> dict[str, dict[str, Any]]:

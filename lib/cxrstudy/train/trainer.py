@@ -192,6 +192,7 @@ class Trainer:
                  loss_fn: Callable | str = masked_bce, augment: Callable | None = None,
                  class_names: list[str] | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration
 
         self.config = config or TrainConfig()
         self.loss_fn = make_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
@@ -199,7 +200,12 @@ class Trainer:
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.mixed_precision = resolve_mixed_precision(self.config.mixed_precision,
                                                        self.config.cpu)
-        self.accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.mixed_precision)
+        # split_batches: a DataLoader's batch is the global batch, cut into one slice per
+        # process, so batch_size, the optimiser steps and the LR schedule do not depend on how
+        # many processes run (and one process is unchanged).
+        self.accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.mixed_precision,
+                                       dataloader_config=DataLoaderConfiguration(
+                                           split_batches=True))
         self.model_config = dict(getattr(model, "cxr_config", {}) or {})
         self.channels_last = bool(self.config.channels_last) and self.device.type == "cuda"
         if self.channels_last:
@@ -256,17 +262,26 @@ class Trainer:
     def _prepare_loader(self, loader):
         """Shard a DataLoader across processes; other iterables are used as they are.
 
-        A :class:`~cxrstudy.data.loader.BatchLoader` becomes its equivalent DataLoader when
-        several processes run, so Accelerate does the sharding (no home-made distribution).
+        When several processes run, a :class:`~cxrstudy.data.loader.BatchLoader` becomes a
+        DataLoader of its own batches in its own order (:func:`.sharding.split_ready_loader`) and
+        Accelerate gives each process its slice of every batch. The last, incomplete batch of an
+        epoch is filled up with the epoch's first rows so every process gets a slice (Accelerate's
+        ``even_batches``); :meth:`predict` drops those repeats again.
         """
         if loader is None:
             return None
-        if self.accelerator.num_processes > 1 and hasattr(loader, "as_dataloader"):
-            loader = loader.as_dataloader()
+        key = id(loader)
+        if key in self._prepared_loaders:
+            return self._prepared_loaders[key][1]
+        if any(loader is prepared for _, prepared in self._prepared_loaders.values()):
+            return loader  # fit() hands validate() a loader it already prepared
+        source = loader
+        if self.accelerator.num_processes > 1 and hasattr(loader, "batch_indices"):
+            from .sharding import split_ready_loader
+
+            loader = split_ready_loader(loader)
         if isinstance(loader, torch.utils.data.DataLoader):
-            key = id(loader)
-            if key not in self._prepared_loaders:
-                self._prepared_loaders[key] = (loader, self.accelerator.prepare_data_loader(loader))
+            self._prepared_loaders[key] = (source, self.accelerator.prepare_data_loader(loader))
             return self._prepared_loaders[key][1]
         if self.accelerator.num_processes > 1:
             raise ValueError(
