@@ -10,6 +10,8 @@ DATASET   ?= chestmnist
 ARGS      ?=
 # CPU threads per notebook kernel (empty: $OMP_NUM_THREADS, else torch's default of all cores).
 THREADS   ?=
+# Devices that run independent notebooks at once, one each (0,1,2,3 or cpu,cpu; empty: one by one).
+DEVICES   ?=
 STAMP     := $(VENV)/.cxrstudy-installed
 # `make lab` listens on loopback only unless you say otherwise.
 LAB_IP    ?= 127.0.0.1
@@ -27,6 +29,7 @@ help:
 	@echo "make data DATASET=chestmnist|nih|chexpert|vindr"
 	@echo "make clean-results PROFILE=...  remove results/<PROFILE> (earlier runs in _previous/ too)"
 	@echo "THREADS=N  CPU threads per notebook kernel (make reproduce THREADS=2)"
+	@echo "DEVICES=0,1,2,3  run notebooks that do not depend on each other at once, one per GPU (or cpu,cpu)"
 
 # The venv is (re)built when missing or when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -38,7 +41,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 reproduce: $(STAMP)
-	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(if $(THREADS),--threads $(THREADS)) $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICES),--devices $(DEVICES)) $(ARGS)
 
 # Tables and results/<PROFILE>/index.html again from existing results, without training.
 report: $(STAMP)
