@@ -119,7 +119,7 @@ def test_a_plain_trainer_trains_the_mean_logits():
 
 
 def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
     from cxrstudy.train import load_checkpoint
 
     seed_everything(0)
@@ -170,7 +170,7 @@ def test_logit_ensemble_is_the_mean_of_the_two_networks_logits_by_hand():
 
 
 def test_the_ensemble_trains_on_cans_loss_without_the_attention_term(tmp_path):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
 
     seed_everything(0)
     model = create_model("logit_ensemble", len(CLASSES), image_size=32,

@@ -227,7 +227,7 @@ def test_bad_models_are_refused_with_a_reason():
 
 
 def test_create_model_distilled_rebuilds_from_a_checkpoint(tmp_path):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
     from cxrstudy.train import save_checkpoint
 
     model = create_model("resnet18", num_classes=2, in_chans=1, image_size=32, distilled=True)

@@ -14,7 +14,8 @@ from torch import nn
 
 import cxrstudy.data as data
 from cxrstudy.data.base import CXRDataset, read_image_file
-from cxrstudy.evaluate import evaluate_checkpoint, load_model_from_checkpoint, main_evaluate
+from cxrstudy.evaluate import evaluate_checkpoint, main_evaluate
+from cxrstudy.train.checkpoint import load_model_from_checkpoint
 from cxrstudy.models import create_model, register_model
 from cxrstudy.train import TrainConfig, Trainer, seed_everything
 

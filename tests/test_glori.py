@@ -329,7 +329,7 @@ def test_asl_matches_a_hand_computation_with_masks_and_an_all_negative_class():
     ("linear_probe", 32, dict(VIT, n_blocks=None)),
 ])
 def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path, name, size, kwargs):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
 
     seed_everything(0)
     model = create_model(name, len(CLASSES), image_size=size, **kwargs)

@@ -383,7 +383,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_mlcak_trainer_trains_the_student_only_and_its_checkpoint_rebuilds(tmp_path):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
 
     seed_everything(0)
     teacher = create_model("multitask", len(CLASSES), image_size=32, patch_size=4,

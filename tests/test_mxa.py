@@ -260,7 +260,7 @@ def test_both_placements_hold_the_same_parameters_under_the_same_names():
 
 
 def test_block_input_checkpoint_rebuilds_with_its_placement(tmp_path):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
     from cxrstudy.train import save_checkpoint
 
     model = _randomise(create_model("efficientvit_m0_mxa", num_classes=2, image_size=64,
@@ -463,7 +463,7 @@ def test_bad_settings_are_named():
 
 
 def test_distilled_mxa_student_wraps_the_mxa_model_and_rebuilds_from_its_checkpoint(tmp_path):
-    from cxrstudy.evaluate import load_model_from_checkpoint
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
     from cxrstudy.models import DistilledClassifier
     from cxrstudy.train import save_checkpoint
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,51 +22,7 @@ from tqdm.auto import tqdm
 from .files import write_json_atomic
 from .models import create_model
 from .models.pretrained import load_exact
-from .train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint
-
-
-def _checkpoint_file(path) -> Path:
-    """A checkpoint file, or a run folder's best.pt (last.pt when no best.pt was written)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (BEST_NAME, LAST_NAME):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path} holds neither {BEST_NAME} nor {LAST_NAME}")
-    return path
-
-
-def load_model_from_checkpoint(path, map_location="cpu", use_ema: bool = True
-                               ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained as and load its weights (eval mode).
-
-    EMA weights are used when the run kept them (they are what validation selected),
-    unless ``use_ema=False``. ``meta`` holds the checkpoint's path, kind, epoch, class names,
-    model and training configs, history, best validation AUC and which weights were loaded.
-    """
-    path = _checkpoint_file(path)
-    payload = load_checkpoint(path, map_location=map_location)
-    config = payload.get("model_config") or {}
-    needed = ("name", "num_classes", "in_chans", "image_size")
-    missing = [k for k in needed if k not in config]
-    if missing:
-        raise ValueError(f"{path}: model_config lacks {missing}; the model was not built with "
-                         f"cxrstudy.models.create_model, so it cannot be rebuilt")
-    model = create_model(config["name"], config["num_classes"], in_chans=config["in_chans"],
-                         image_size=config["image_size"], pretrained=False,
-                         **dict(config.get("kwargs") or {}))
-    model.cxr_config = dict(config)
-    weights = "ema" if use_ema and payload.get("ema") is not None else "model"
-    load_exact(model, payload[weights], source=f"weights in {path}")
-    model.eval()
-    meta = {
-        "path": str(path), "kind": payload.get("kind"), "epoch": payload.get("epoch"),
-        "class_names": payload.get("class_names"), "model_config": dict(config),
-        "train_config": payload.get("train_config"), "history": payload.get("history", []),
-        "best_val_macro_auc": payload.get("best_val_macro_auc"),
-        "best_epoch": payload.get("best_epoch"), "weights": weights,
-    }
-    return model, meta
+from .train.checkpoint import checkpoint_file, load_checkpoint, load_model_from_checkpoint
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Every model a profile trained: ``results/<profile>/<notebook>/checkpoints/<tag>/``.
 
 Each run folder holds ``best.pt`` (the epoch validation chose) or, without validation AUC,
-``last.pt``; :func:`cxrstudy.evaluate.load_model_from_checkpoint` rebuilds the model from the
+``last.pt``; :func:`cxrstudy.train.checkpoint.load_model_from_checkpoint` rebuilds the model from the
 recipe it stores. Nothing is guessed from folder names: architecture, classes and image size come
 from the checkpoint.
 """

@@ -62,7 +62,7 @@ def explain_models(trained: Sequence[TrainedModel], dataset, items: pd.DataFrame
                    evidence: bool = True, device: str | None = None,
                    log=None) -> Explanations:
     """Explain ``items`` of ``dataset`` (no image cache) with every model in ``trained``."""
-    from ..evaluate import load_model_from_checkpoint
+    from ..train.checkpoint import load_model_from_checkpoint
 
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -260,45 +260,6 @@ class CheckpointTeacher(nn.Module):
         return logits
 
 
-def load_teacher(name_or_checkpoint, num_classes: int, class_names: Sequence[str] | None = None,
-                 *, cache_dir=None, download: bool = False, calibrated: bool = False,
-                 use_ema: bool = True) -> nn.Module:
-    """A teacher for a student with ``num_classes`` outputs named ``class_names``.
-
-    ``"txv-densenet121-res224-chex"`` (or ``"txv-<other xrv weights>"``) → :class:`TXVTeacher`;
-    a cxrstudy checkpoint file or run folder → :class:`CheckpointTeacher` (the checkpoint's own
-    class names are matched to ``class_names``; its EMA weights when it has them).
-    """
-    if class_names is not None and len(class_names) != int(num_classes):
-        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-    key = os.fspath(name_or_checkpoint)
-    if key.startswith(TXV_PREFIX):
-        if class_names is None:
-            raise ValueError("a torchxrayvision teacher needs class_names to map its outputs")
-        return TXVTeacher.from_pretrained(key[len(TXV_PREFIX):], class_names, cache_dir=cache_dir,
-                                          download=download, calibrated=calibrated)
-    path = Path(key).expanduser()
-    if not path.exists():
-        raise ValueError(f"unknown teacher {key!r}: give {TXV_TEACHER_NAME!r} (or 'txv-' + "
-                         f"another torchxrayvision weight name) or the path of a cxrstudy "
-                         f"checkpoint or run folder; {path} does not exist")
-    from ..evaluate import load_model_from_checkpoint
-
-    model, meta = load_model_from_checkpoint(path, use_ema=use_ema)
-    config = meta["model_config"]
-    teacher_classes = meta.get("class_names")
-    if teacher_classes is None or class_names is None:
-        if int(config["num_classes"]) != int(num_classes):
-            raise ValueError(f"{meta['path']} predicts {config['num_classes']} classes, the "
-                             f"student {num_classes}, and without class names on both sides "
-                             f"they cannot be matched")
-        teacher_classes = teacher_classes or class_names or [str(i) for i in range(num_classes)]
-        class_names = class_names or teacher_classes
-    name = f"checkpoint:{config['name']}:{Path(meta['path']).parent.name}/{Path(meta['path']).name}"
-    return CheckpointTeacher(model, teacher_classes, class_names,
-                             image_size=config.get("image_size"), name=name)
-
-
-__all__ = ["TXVTeacher", "CheckpointTeacher", "load_teacher", "load_txv_model",
+__all__ = ["TXVTeacher", "CheckpointTeacher", "load_txv_model",
            "txv_class_mapping", "txv_chexpert_mapping", "txv_pathologies", "txv_preprocess",
-           "txv_weight_path", "resize_square", "TXV_CHEX_WEIGHTS", "TXV_TEACHER_NAME"]
+           "txv_weight_path", "resize_square", "TXV_CHEX_WEIGHTS", "TXV_PREFIX", "TXV_TEACHER_NAME"]

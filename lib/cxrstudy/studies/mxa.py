@@ -323,7 +323,7 @@ def prepare_teacher(teacher: str, data, out, *, teacher_model: str = "densenet12
     from ..evaluate import predict_probabilities
     from ..experiment import make_loaders, train_and_evaluate
     from ..metrics import summarize
-    from ..models.teachers import load_teacher
+    from ..train.teachers import load_teacher
 
     if teacher.startswith(RUN_PREFIX):
         teacher = str(sibling_run(teacher, out, data))

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..files import atomic_path
+from ..models import create_model
+from ..models.pretrained import load_exact
 
 CHECKPOINT_FORMAT = "cxrstudy-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -96,5 +99,50 @@ def existing_checkpoints(directory) -> list[Path]:
     return [directory / name for name in (LAST_NAME, BEST_NAME) if (directory / name).is_file()]
 
 
+def checkpoint_file(path) -> Path:
+    """A checkpoint file, or a run folder's best.pt (last.pt when no best.pt was written)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST_NAME, LAST_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} holds neither {BEST_NAME} nor {LAST_NAME}")
+    return path
+
+
+def load_model_from_checkpoint(path, map_location="cpu", use_ema: bool = True
+                               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as and load its weights (eval mode).
+
+    EMA weights are used when the run kept them (they are what validation selected),
+    unless ``use_ema=False``. ``meta`` holds the checkpoint's path, kind, epoch, class names,
+    model and training configs, history, best validation AUC and which weights were loaded.
+    """
+    path = checkpoint_file(path)
+    payload = load_checkpoint(path, map_location=map_location)
+    config = payload.get("model_config") or {}
+    needed = ("name", "num_classes", "in_chans", "image_size")
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise ValueError(f"{path}: model_config lacks {missing}; the model was not built with "
+                         f"cxrstudy.models.create_model, so it cannot be rebuilt")
+    model = create_model(config["name"], config["num_classes"], in_chans=config["in_chans"],
+                         image_size=config["image_size"], pretrained=False,
+                         **dict(config.get("kwargs") or {}))
+    model.cxr_config = dict(config)
+    weights = "ema" if use_ema and payload.get("ema") is not None else "model"
+    load_exact(model, payload[weights], source=f"weights in {path}")
+    model.eval()
+    meta = {
+        "path": str(path), "kind": payload.get("kind"), "epoch": payload.get("epoch"),
+        "class_names": payload.get("class_names"), "model_config": dict(config),
+        "train_config": payload.get("train_config"), "history": payload.get("history", []),
+        "best_val_macro_auc": payload.get("best_val_macro_auc"),
+        "best_epoch": payload.get("best_epoch"), "weights": weights,
+    }
+    return model, meta
+
+
 __all__ = ["save_checkpoint", "load_checkpoint", "existing_checkpoints", "check_plain", "to_cpu",
-           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAST_NAME", "BEST_NAME"]
+           "checkpoint_file", "load_model_from_checkpoint", "CHECKPOINT_FORMAT",
+           "CHECKPOINT_VERSION", "LAST_NAME", "BEST_NAME"]
