@@ -238,8 +238,9 @@ class _StudyRun:
         self.fingerprints: dict[str, str] = {}
         self.failed: set[str] = set()
 
-    def prepare(self, name: str, position: int) -> NotebookResult | _Job:
-        """Blocked, up to date (a result), or a job to run; its upstream have all finished."""
+    def prepare(self, name: str, position: int, blocked: list[str]) -> NotebookResult | _Job:
+        """Blocked (by the failed upstream ``blocked``), up to date (a result), or a job to run;
+        its upstream have all finished."""
         spec = self.notebooks[name]
         results_dir, profile = self.results_dir, self.profile
         output_dir = (results_dir / profile / name).resolve()
@@ -251,8 +252,7 @@ class _StudyRun:
         fp = fingerprint(params, spec.path, upstream)
         self.fingerprints[name] = fp
         prefix = f"[{position}/{self.total}] {name}"
-        blocked = [d for d in depends_on if d in self.failed]
-        if blocked and not spec.runs_after_failed_upstream:
+        if blocked:
             self.log(f"{prefix}: not run, it depends on failed {', '.join(blocked)}")
             return NotebookResult(name, "blocked", 0.0, output_dir, f"depends on {blocked}")
         if not self.force and previous_fingerprint(output_dir) == fp:
@@ -340,18 +340,22 @@ def run_notebooks(
         executor = execute_notebook if workers is None else execute_in_process
     run = _StudyRun(notebooks, all_params, dependencies, profile, results_dir, force,
                     kernel_name, progress, log, executor, len(chosen))
+    schedule = Schedule(chosen, dependencies,
+                        [n for n in chosen if notebooks[n].runs_after_failed_upstream])
 
     if workers is None:
         results = []
-        for position, name in enumerate(chosen, 1):
-            outcome = run.prepare(name, position)
+        for position, name in enumerate(schedule.order, 1):
+            schedule.start(name)  # always ready: upstream notebooks come first
+            outcome = run.prepare(name, position, schedule.blocked_by(name))
             if isinstance(outcome, _Job):
                 outcome = run.execute(outcome)
             results.append(run.note(outcome))
+            schedule.finish(name, outcome.status in ("ok", "skipped"))
         wall = None
     else:
         start = time.perf_counter()
-        results = _run_on_workers(run, chosen, workers)
+        results = _run_on_workers(run, schedule, workers)
         wall = time.perf_counter() - start
 
     total = sum(r.seconds for r in results)
@@ -361,7 +365,8 @@ def run_notebooks(
     return results
 
 
-def _run_on_workers(run: _StudyRun, chosen: list[str], workers: list[Worker]) -> list[NotebookResult]:
+def _run_on_workers(run: _StudyRun, schedule: Schedule,
+                    workers: list[Worker]) -> list[NotebookResult]:
     """Start every ready notebook on a free worker, in dependency order, until all are done.
 
     The first exception (Ctrl-C included) interrupts the notebooks in flight, waits until each
@@ -375,9 +380,7 @@ def _run_on_workers(run: _StudyRun, chosen: list[str], workers: list[Worker]) ->
 
     run.log = log
     log("workers: " + ", ".join(w.label for w in workers))
-    schedule = Schedule(chosen, run.dependencies,
-                        [n for n in chosen if run.notebooks[n].runs_after_failed_upstream])
-    position = {name: index for index, name in enumerate(chosen, 1)}
+    position = {name: index for index, name in enumerate(schedule.order, 1)}
     cancel = threading.Event()
     free, waiting = list(workers), []
     in_flight: dict[Future, tuple[str, Worker]] = {}
@@ -394,7 +397,7 @@ def _run_on_workers(run: _StudyRun, chosen: list[str], workers: list[Worker]) ->
                 if problem is None:
                     for name in schedule.ready():
                         schedule.start(name)
-                        outcome = run.prepare(name, position[name])
+                        outcome = run.prepare(name, position[name], schedule.blocked_by(name))
                         if isinstance(outcome, _Job):
                             waiting.append(outcome)
                         else:

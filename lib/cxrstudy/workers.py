@@ -41,7 +41,8 @@ class Worker:
     @property
     def label(self) -> str:
         threads = self.env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        return self.device + (f", {threads} threads" if threads else "")
+        return self.device + (f" ({threads} thread{'' if threads == '1' else 's'})"
+                              if threads else "")
 
 
 def parse_devices(text: str) -> list[str]:
