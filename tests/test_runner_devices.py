@@ -119,6 +119,26 @@ def test_named_notebooks_run_upstream_first(study, tmp_path):
     assert [name for kind, name in executor.events if kind == "start"] == ["01_b", "02_c"]
 
 
+def test_without_devices_the_log_reads_as_before(study, tmp_path):
+    import re
+
+    lines = []
+    run(study, tmp_path, Recorder(fail={"01_b"}), log=lines.append)
+    out = str((tmp_path / "results/tiny").resolve())
+    shapes = [f"results: {out}(; threads per kernel: .*)?",
+              f"\\[1/4\\] 00_a: running \\(profile tiny\\) → {out}/00_a", r"\[1/4\] 00_a: ok in \d+\.\d s",
+              f"\\[2/4\\] 01_b: running \\(profile tiny\\) → {out}/01_b",
+              r"\[2/4\] 01_b: failed in \d+\.\d s — RuntimeError: 01_b raised",
+              r"\[3/4\] 02_c: not run, it depends on failed 01_b",
+              f"\\[4/4\\] 03_report: running \\(profile tiny\\) → {out}/03_report",
+              r"\[4/4\] 03_report: ok in \d+\.\d s",
+              r"time per notebook: 00_a \S+ s \(ok\), 01_b \S+ s \(failed\), 02_c 0\.0 s \(blocked\), "
+              r"03_report \S+ s \(ok\); total \S+ s"]
+    assert len(lines) == len(shapes)
+    for line, shape in zip(lines, shapes):
+        assert re.fullmatch(shape, line), line
+
+
 # --- device workers ----------------------------------------------------------------------
 
 def test_devices_are_parsed_and_bad_ones_named():

@@ -273,8 +273,9 @@ class _StudyRun:
                 entry["worker"] = worker.describe()
             write_json_atomic(output_dir / PROVENANCE, entry)
 
-        where = "" if worker is None else f" on {worker.label}"
-        self.log(f"{prefix}: running{where} (profile {self.profile}) → {output_dir}")
+        where = f"(profile {self.profile})" if worker is None else \
+            f"on {worker.label}, profile {self.profile}"
+        self.log(f"{prefix}: running {where} → {output_dir}")
         with RunLock(output_dir):
             archive_previous(output_dir, fp, log)
             output_dir.mkdir(parents=True, exist_ok=True)
