@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Callable
 
 from .base import CXRDataset, CorruptImageError, collate
@@ -55,6 +56,18 @@ def dataset_class(name: str) -> type:
     return target
 
 
+#: A file in a release folder saying its pixels are synthetic (the rehearsal's miniature
+#: releases: real label files, generated images); no real release has it.
+SYNTHETIC_MARKER = "SYNTHETIC_PIXELS.txt"
+
+
+def marked_synthetic(dataset: CXRDataset) -> bool:
+    """True when the dataset's folder carries :data:`SYNTHETIC_MARKER`, so every figure, table
+    and report built on it says the data are synthetic."""
+    root = getattr(dataset, "root", None)
+    return root is not None and (Path(root) / SYNTHETIC_MARKER).is_file()
+
+
 def load_dataset(
     name: str,
     root=None,
@@ -85,6 +98,8 @@ def load_dataset(
     adapter_name, root = resolve_name(name, root)
     adapter = dataset_class(adapter_name)
     full = adapter(root=root, image_size=image_size, strict=strict, **options)
+    if marked_synthetic(full):
+        full.is_synthetic = True
     assignment = assign_splits(full, seed=seed, val_fraction=val_fraction,
                                test_fraction=test_fraction)
     full.split_assignment = assignment
@@ -100,4 +115,5 @@ def load_dataset(
 
 
 __all__ = ["CXRDataset", "CorruptImageError", "collate", "load_dataset", "register_dataset",
+           "marked_synthetic", "SYNTHETIC_MARKER",
            "list_datasets", "dataset_class", "resolve_name", "SPLITS"]

@@ -32,12 +32,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from ..data import SYNTHETIC_MARKER
 from ..data.labels import (CHEXPERT_CLASSES, NIH_CLASSES, VINDR_GLOBAL_CLASSES,
                            VINDR_KAGGLE_CLASSES, VINDR_LOCAL_CLASSES, VINDR_NO_FINDING)
 from ..paths import DATASET_DIRS
 from .pixels import phantom, phantom_uint8, seed_for
 
-SYNTHETIC_MARKER = "SYNTHETIC_PIXELS.txt"
 STAND_INS = "STAND_INS.md"
 NIH_ARCHIVE_SIZES = (4999,) + (10000,) * 10 + (7121,)  # images_001 … images_012, in id order
 NIH_IMAGE_SIZE = 1024

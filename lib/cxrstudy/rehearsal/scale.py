@@ -1,0 +1,76 @@
+"""The rehearsal's only departure from params/paper.yaml: scale. One list, in one place.
+
+Every notebook runs with the paper profile's datasets, resolutions, models, arms, teacher and
+pretrained settings; these overrides (``-p key=value`` on top of the profile) change only how
+much is computed: images, epochs, batch size, bootstrap draws and the number of images the
+explanation notebook draws maps for. The report names them (:func:`scale_note`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PROFILE = "paper"
+
+#: key → value, applied to every notebook that declares the key (``-p key=value``).
+SCALE_OVERRIDES: dict[str, object] = {
+    "max_images": 96,          # whole patients, about this many images per dataset
+    "epochs": 1,
+    "teacher_epochs": 1,
+    "batch_size": 16,
+    "n_boot": 20,
+    "max_boxed_images": 2,     # 07: boxed images scored per model (ScoreCAM: a forward per channel)
+    "n_figure_images": 2,
+    "score_cam_batch_size": 64,
+}
+
+#: Images written per release (a few hundred; the caps above then pick from them).
+RELEASE_SIZES = {"nih": 240, "chexpert": 240, "vindr": 140}
+
+NOTE = ("REHEARSAL — every number on this page comes from SYNTHETIC PIXELS (generated phantoms "
+        "in the real releases' layouts and label files) and random stand-in weights, scaled "
+        "down from the paper profile; it shows that the paper path runs, nothing about the "
+        "methods. Scale overrides: {overrides}.")
+
+
+def override_arguments(overrides: dict[str, object] | None = None) -> list[str]:
+    """``key=value`` strings for the runner (values as JSON, which its YAML parser reads)."""
+    overrides = SCALE_OVERRIDES if overrides is None else overrides
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def scale_note(overrides: dict[str, object] | None = None) -> str:
+    """The sentence the report shows on its page (08_report's ``profile_note``)."""
+    return NOTE.format(overrides=", ".join(override_arguments(overrides)))
+
+
+def rehearsal_environment(folder, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a rehearsal run: data root, preprocessing cache and every weight
+    cache inside ``folder`` (``HOME`` too: torchxrayvision's cache is ``~/.torchxrayvision``), the
+    hub offline. The user's own caches are never read or written."""
+    folder = Path(folder).resolve()
+    home = folder / "home"
+    env = dict(os.environ if base is None else base)
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        env.pop(variable, None)
+    env.update({
+        "CXRSTUDY_DATA_ROOT": str(folder / "data"),
+        "CXRSTUDY_CACHE_DIR": str(folder / "cache"),
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "HF_HOME": str(home / ".cache" / "huggingface"),
+        "TORCH_HOME": str(home / ".cache" / "torch"),
+        "MPLCONFIGDIR": str(home / ".config" / "matplotlib"),
+        "HF_HUB_OFFLINE": "1",
+    })
+    return env
+
+
+def hf_hub_cache(folder) -> Path:
+    """The hub cache a rehearsal run resolves (``$HF_HOME/hub``)."""
+    return Path(rehearsal_environment(folder, base={})["HF_HOME"]) / "hub"
+
+
+__all__ = ["PROFILE", "SCALE_OVERRIDES", "RELEASE_SIZES", "override_arguments", "scale_note",
+           "rehearsal_environment", "hf_hub_cache"]
