@@ -19,12 +19,13 @@ LAB_PORT  ?= 8888
 # Where `make reproduce`, `make data` and `make lab` look for datasets unless you set it.
 DATA_ROOT_DEFAULT := $(HOME)/.cache/cxrstudy/data
 
-.PHONY: venv reproduce report test lab data clean-results help
+.PHONY: venv reproduce report test lab data clean-results help rehearse
 
 help:
 	@echo "make reproduce [PROFILE=tiny|sample|default|paper] [NOTEBOOKS=all|01_baseline ...] [ARGS='-p epochs=2 --force']"
 	@echo "make report    regenerate the tables and results/<PROFILE>/index.html (no training)"
 	@echo "make test      unit, data and tiny notebook tests (set CXRSTUDY_DATA_ROOT for the real-data ones)"
+	@echo "make rehearse  the paper profile, scaled down, on miniature releases with synthetic pixels and stand-in weights (CPU, offline) [REHEARSAL_DIR=results/rehearsal] [NOTEBOOKS=all]"
 	@echo "make lab       JupyterLab on notebooks/ with the study's kernel [LAB_IP=127.0.0.1] [LAB_PORT=8888]"
 	@echo "make data DATASET=chestmnist|nih|chexpert|vindr"
 	@echo "make clean-results PROFILE=...  remove results/<PROFILE> (earlier runs in _previous/ too)"
@@ -42,6 +43,13 @@ venv: $(STAMP)
 
 reproduce: $(STAMP)
 	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy run $(NOTEBOOKS) --profile $(PROFILE) $(if $(THREADS),--threads $(THREADS)) $(if $(DEVICES),--devices $(DEVICES)) $(ARGS)
+
+# The paper profile on CPU, offline: miniature copies of NIH, CheXpert and VinDr-CXR (real label
+# files, synthetic pixels) and random stand-ins for its pretrained weights, written once under
+# REHEARSAL_DIR (its caches too: the user's ~/.cache is never touched); only scale keys change.
+REHEARSAL_DIR ?= results/rehearsal
+rehearse: $(STAMP)
+	$(PY) -m cxrstudy.rehearsal $(if $(filter-out all,$(NOTEBOOKS)),$(NOTEBOOKS)) --folder $(REHEARSAL_DIR) $(if $(THREADS),--threads $(THREADS)) $(ARGS)
 
 # Tables and results/<PROFILE>/index.html again from existing results, without training.
 report: $(STAMP)
