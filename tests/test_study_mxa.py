@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cxrstudy.models import DistilledClassifier, count_parameters, create_model
-from cxrstudy.models.mxa import mxa_blocks
+from cxrstudy.models.mxa import block_shapes, box_statistics, mxa_blocks, roi_boxes
 from cxrstudy.models.sigmoid_output import (NEGATIVE_FLOOR, POSITIVE_FLOOR, SigmoidOutput,
                                             double_sigmoid_loss_floor)
 from cxrstudy.studies import mxa as study
@@ -46,7 +46,7 @@ def test_parameter_counts_are_our_exact_one_channel_counts_beside_the_papers():
 
 
 def test_block_shapes_follow_the_stages():
-    shapes = study.block_shapes("efficientvit_m0", image_size=64)
+    shapes = block_shapes("efficientvit_m0", image_size=64)
     # M0: embed 64/128/192, depth 1/2/3; 64 px → 4×4, 2×2, 1×1 maps after the 16× stem
     assert list(shapes["C"]) == [64, 128, 128, 192, 192, 192]
     assert list(shapes["H"]) == [4, 2, 2, 1, 1, 1]
@@ -59,16 +59,16 @@ def test_roi_boxes_and_statistics_on_a_distilled_student():
     model = create_model("efficientvit_m0_mxa", 3, image_size=64, distilled=True)
     assert isinstance(model, DistilledClassifier)
     images = torch.rand(5, 1, 64, 64)
-    boxes = study.roi_boxes(model, images)
+    boxes = roi_boxes(model, images)
     assert len(boxes) == 6 and all(b.shape == (5, 4) for b in boxes.values())
     assert all(((b >= 0) & (b <= 1)).all() for b in boxes.values())
     batches = [{"image": images[:3]}, {"image": images[3:]}]
-    stats = study.box_statistics(model, batches)
+    stats = box_statistics(model, batches)
     assert list(stats["images"]) == [5] * 6
     # default initialisation: boxes near (½, ½, ½, ½) are empty → the whole map is used
     assert (stats["whole-map fallback"] == 1.0).all()
     assert (stats["mean cropped area"] == 1.0).all()
-    assert len(study.box_statistics(model, batches, max_batches=1)) == 6
+    assert len(box_statistics(model, batches, max_batches=1)) == 6
 
 
 def test_kd_arm_without_a_teacher_is_refused():
@@ -235,5 +235,5 @@ def test_view_options_pass_views_to_chexpert_only():
 def test_box_statistics_leaves_the_model_in_the_mode_it_found(training):
     torch.manual_seed(0)
     model = create_model("efficientvit_m0_mxa", 3, image_size=64, distilled=True).train(training)
-    study.box_statistics(model, [{"image": torch.rand(2, 1, 64, 64)}])
+    box_statistics(model, [{"image": torch.rand(2, 1, 64, 64)}])
     assert all(m.training == training for m in model.modules())

@@ -76,6 +76,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -438,6 +440,88 @@ def build_efficientvit_mxa(variant: str, num_classes: int, in_chans: int, image_
     return model
 
 
+
+# ---- looking inside a trained model (notebook 02) ---------------------------------------------
+@torch.no_grad()
+def block_shapes(backbone: str = "efficientvit_m5", image_size: int = 224,
+                 num_classes: int = 14) -> pd.DataFrame:
+    """The feature map each MXA block sees (C×H×W) at ``image_size``, and the block's size."""
+    from .factory import count_parameters, create_model  # the factory knows every registered model
+
+    model = create_model(f"{backbone}_mxa", num_classes, image_size=image_size).eval()
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left alone
+            seen.setdefault(name, tuple(inputs[0].shape))
+        return hook
+
+    hooks = [block.register_forward_hook(record(name)) for name, block in mxa_blocks(model)]
+    try:
+        model(torch.zeros(1, 1, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return pd.DataFrame([{"block": name, "C": seen[name][1], "H": seen[name][2],
+                          "W": seen[name][3], "MXA params": count_parameters(block)}
+                         for name, block in mxa_blocks(model)])
+
+
+def _student(model: nn.Module) -> nn.Module:
+    return getattr(model, "backbone", model)
+
+
+@torch.no_grad()
+def roi_boxes(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Predicted normalised ROI boxes [N, 4] per MXA block for ``images`` [N, 1, S, S]."""
+    student = _student(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        model(images.to(device))
+    finally:
+        model.train(was_training)
+    return {name: block.last_boxes.cpu().numpy() for name, block in mxa_blocks(student)}
+
+
+@torch.no_grad()
+def box_statistics(model: nn.Module, loader, max_batches: int | None = None
+                   ) -> pd.DataFrame:
+    """Per block, over the loader's images: how often the crop fell back to the whole map
+    (empty or inverted box), the mean area actually cropped, and the mean predicted box."""
+    student = _student(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    fallback: dict[str, list] = {name: [] for name, _ in mxa_blocks(student)}
+    area = {name: [] for name in fallback}
+    predicted = {name: [] for name in fallback}
+    try:
+        for b, batch in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            model(batch["image"].to(device))
+            for name, block in mxa_blocks(student):
+                used = block.last_crop_boxes.float().cpu()
+                whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
+                fallback[name].append(torch.isclose(used, whole).all(dim=1))
+                area[name].append((used[:, 2] - used[:, 0]) * (used[:, 3] - used[:, 1]))
+                predicted[name].append(block.last_boxes.float().cpu())
+    finally:
+        model.train(was_training)  # leave the model in the mode it came in
+    rows = []
+    for name in fallback:
+        if not fallback[name]:
+            continue
+        boxes = torch.cat(predicted[name]).mean(dim=0).tolist()
+        rows.append({"block": name, "images": int(torch.cat(fallback[name]).numel()),
+                     "whole-map fallback": float(torch.cat(fallback[name]).float().mean()),
+                     "mean cropped area": float(torch.cat(area[name]).mean()),
+                     "mean box (x1, y1, x2, y2)": "(" + ", ".join(f"{v:.2f}" for v in boxes) + ")"})
+    return pd.DataFrame(rows)
+
+
 def _register(variant: str) -> None:
     def builder(num_classes: int, in_chans: int, image_size: int,
                 pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
@@ -455,4 +539,4 @@ for _variant in EFFICIENTVIT_VARIANTS:
 __all__ = ["CROP_MODES", "MXA_MODES", "MXA_PLACEMENTS", "ROI_INITS", "ROIHead",
            "ChannelAttention", "SpatialAttention", "MXABlock", "MXAMixer", "MXAAtBlockInput",
            "add_mxa", "mxa_blocks", "last_boxes", "crop_to_boxes", "pixel_bounds",
-           "build_efficientvit_mxa"]
+           "build_efficientvit_mxa", "block_shapes", "roi_boxes", "box_statistics"]
