@@ -232,12 +232,14 @@ def test_an_interrupted_notebook_stops_the_others_in_flight(study, tmp_path):
     assert_both_interrupted_and_unlocked(tmp_path)
 
 
-def test_ctrl_c_records_interrupted_for_every_notebook_in_flight(study, tmp_path):
-    started = threading.Event()
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_records_interrupted_for_every_notebook_in_flight(study, tmp_path, signum):
+    started, before = threading.Event(), signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        run(study, tmp_path, interruptible(started, lambda: os.kill(os.getpid(), signal.SIGINT)),
+        run(study, tmp_path, interruptible(started, lambda: os.kill(os.getpid(), signum)),
             devices="cpu,cpu")
     assert_both_interrupted_and_unlocked(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) == before  # our SIGTERM handler is gone again
 
 
 def test_bad_devices_on_the_command_line_exit_2(capsys):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -356,7 +358,8 @@ def run_notebooks(
         wall = None
     else:
         start = time.perf_counter()
-        results = _run_on_workers(run, schedule, workers)
+        with _terminate_as_interrupt():
+            results = _run_on_workers(run, schedule, workers)
         wall = time.perf_counter() - start
 
     total = sum(r.seconds for r in results)
@@ -364,6 +367,24 @@ def run_notebooks(
         + f"; total {total:.1f} s"
         + (f"; wall clock {wall:.1f} s on {len(workers)} workers" if wall is not None else ""))
     return results
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``) stops a run on workers as Ctrl-C does: the notebooks in flight, in
+    processes of their own, are interrupted and recorded rather than left running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_on_workers(run: _StudyRun, schedule: Schedule,

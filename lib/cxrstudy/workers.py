@@ -189,6 +189,9 @@ def execute_in_process(spec, params: dict, output_dir: Path, kernel_name: str = 
 
 def _child_main() -> int:
     """The child side of :func:`execute_in_process`: one notebook, outcome to the result file."""
+    # started in the background (nohup, &), we may inherit an ignored SIGINT: the runner's
+    # interrupt must still stop the notebook
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     job = json.loads(sys.stdin.read())
     result = Path(job["result"])
     try:
