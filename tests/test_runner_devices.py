@@ -178,6 +178,16 @@ def test_independent_notebooks_run_at_once_and_dependents_wait(study, tmp_path, 
     assert record["status"] == "ok" and record["worker"]["device"] in ("cuda:1", "cpu")
 
 
+def test_a_notebook_that_becomes_ready_keeps_its_place_in_study_order(study, tmp_path):
+    nbs, _ = study
+    write_notebook(nbs, "04_d", HEADER)  # independent of everything
+    executor = Recorder()
+    run(study, tmp_path, executor, devices="cpu", overrides=["02_c.teacher=run:00_a/model"])
+    # 02_c becomes ready when 00_a ends, after 01_b and 04_d were queued; it still goes first
+    assert [name for kind, name in executor.events if kind == "start"] == [
+        "00_a", "01_b", "02_c", "03_report", "04_d"]
+
+
 def test_workers_write_what_a_sequential_run_writes(study, tmp_path):
     run(study, tmp_path / "one", Recorder())
     run(study, tmp_path / "two", Recorder(), devices="cpu,cpu")

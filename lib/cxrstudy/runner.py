@@ -424,6 +424,7 @@ def _run_on_workers(run: _StudyRun, schedule: Schedule,
                             waiting.append(outcome)
                         else:
                             finish(outcome)
+                    waiting.sort(key=lambda job: position[job.name])  # study order first
                     while waiting and free:
                         job, worker = waiting.pop(0), free.pop(0)
                         in_flight[pool.submit(run.execute, job, worker, cancel)] = (job.name, worker)
