@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cxrstudy.experiment import prepare_data
+from cxrstudy.explain.evidence import disease_maps
 from cxrstudy.models import create_model
 from cxrstudy.studies import cross_attention as can_study
 from cxrstudy.studies import glori as study
@@ -98,7 +99,7 @@ def test_disease_maps_pick_the_boxed_class():
     dataset.meta = lambda i: {"boxes": boxes[i]}
     model = create_model("glori", 3, image_size=32, backbone="deit_tiny", patch_size=8,
                          decoder_dim=32, decoder_heads=4)
-    out = study.disease_maps(model, dataset, [0, 1])
+    out = disease_maps(model, dataset, [0, 1])
     assert out["maps"].shape == (2, 4, 4)
     assert out["titles"][0].startswith("Mass") and out["boxes"][0] == boxes[0]
     assert out["boxes"][1] == []

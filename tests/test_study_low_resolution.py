@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cxrstudy.models import create_model
+from cxrstudy.models.attention_maps import cls_attention, minmax_per_image
 from cxrstudy.studies import low_resolution as study
 
 
@@ -149,7 +150,14 @@ def test_arms_record_the_teacher_input_and_global_label(tmp_path):
 def test_cls_attention_maps_cover_the_grid_in_unit_range():
     torch.manual_seed(0)
     model = create_model("deit_tiny_mt", 3, image_size=28, patch_size=4, depth=2)
-    maps = study.cls_attention(model, torch.rand(3, 1, 28, 28))
+    maps = cls_attention(model, torch.rand(3, 1, 28, 28))
     assert maps.shape == (3, 7, 7)
     assert np.allclose(maps.reshape(3, -1).min(axis=1), 0.0)
     assert np.allclose(maps.reshape(3, -1).max(axis=1), 1.0)
+
+
+def test_minmax_per_image_scales_each_map_on_its_own():
+    maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[4.0, 4.0], [4.0, 4.0]]])
+    scaled = minmax_per_image(maps)
+    assert torch.allclose(scaled[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    assert torch.equal(scaled[1], torch.zeros(2, 2))  # a flat map has no peak: all 0

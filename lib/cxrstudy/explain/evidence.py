@@ -5,10 +5,12 @@
 * GLoRI — the attention of the explained class's query over the patches;
 * ViTs (MLCAK's students and teacher, the GLoRI backbones fine-tuned) — the head-averaged
   attention of the CLS token in the last block
-  (:func:`cxrstudy.studies.low_resolution.cls_attention`), class-agnostic;
+  (:func:`cxrstudy.models.attention_maps.cls_attention`), class-agnostic;
 * CAN — the mean of the two networks' cross-attention maps, class-agnostic.
 
 Every map comes back at ``size`` px (bilinear), min–max scaled to [0, 1] per image.
+:func:`disease_maps` (GLoRI, notebook 05) and :func:`cross_attention_maps` (CAN, 06) give the
+same evidence with the images, titles and boxes a figure needs.
 """
 from __future__ import annotations
 
@@ -19,13 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.attention_maps import cls_attention, minmax_per_image
+
 
 def _scaled(maps: torch.Tensor, size: int) -> np.ndarray:
     maps = maps.float()[:, None]
     maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    low = maps.flatten(1).min(dim=1).values[:, None, None]
-    high = maps.flatten(1).max(dim=1).values[:, None, None]
-    return ((maps - low) / (high - low).clamp_min(1e-12)).numpy()
+    return minmax_per_image(maps).numpy()
+
+
+def uint8_images(batch: torch.Tensor) -> list[np.ndarray]:
+    """Images [N, 1, H, W] in [0, 1] as uint8 arrays, for drawing."""
+    return [(batch[k, 0].cpu().numpy() * 255).astype(np.uint8) for k in range(len(batch))]
 
 
 def box_maps(boxes: np.ndarray, size: int) -> np.ndarray:
@@ -91,10 +98,48 @@ def own_evidence(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
         model(images)
         result["maps"] = _scaled(model.attention_maps().cpu().mean(dim=1), size)
     else:
-        from ..studies.low_resolution import cls_attention
-
         result["maps"] = _scaled(torch.from_numpy(cls_attention(model, images)), size)
     return result
 
 
-__all__ = ["box_maps", "evidence_kind", "own_evidence", "LABELS"]
+@torch.no_grad()
+def disease_maps(model: nn.Module, dataset, rows: Sequence[int]) -> dict:
+    """GLoRI's attention map for one class per image: the class of the image's first box when
+    it has one, else its highest-scoring class. Returns images (uint8), maps [N, h, w] in
+    [0, 1], titles and boxes (that class's boxes only)."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch = torch.stack([dataset[i]["image"] for i in rows])
+    probs = torch.sigmoid(model(batch.to(device))).cpu()
+    maps = model.attention_maps().float().cpu()  # [N, C, h, w]
+    classes = list(dataset.classes)
+    chosen, boxes, titles = [], [], []
+    for k, i in enumerate(rows):
+        own = dataset.meta(i)["boxes"]
+        labelled = [b for b in own if b["label"] in classes]
+        c = classes.index(labelled[0]["label"]) if labelled else int(probs[k].argmax())
+        chosen.append(c)
+        boxes.append([b for b in own if b["label"] == classes[c]])
+        titles.append(f"{classes[c]} (p={probs[k, c]:.2f})")
+    picked = minmax_per_image(maps[torch.arange(len(rows)), torch.tensor(chosen)])
+    return {"images": uint8_images(batch), "maps": picked.numpy(), "titles": titles,
+            "boxes": boxes}
+
+
+@torch.no_grad()
+def cross_attention_maps(model: nn.Module, dataset, rows: Sequence[int]) -> dict:
+    """Each network's attention a₁, a₂ on the given test rows: images (uint8), maps per network
+    [N, h, w] in [0, 1] (not rescaled: the sigmoid's own scale), titles and boxes."""
+    model.eval()
+    device = next(model.parameters()).device
+    batch = torch.stack([dataset[i]["image"] for i in rows])
+    model(batch.to(device))
+    maps = model.attention_maps().float().cpu().numpy()  # [N, 2, h, w]
+    return {"images": uint8_images(batch),
+            "maps": {"network 1 attention": maps[:, 0], "network 2 attention": maps[:, 1]},
+            "titles": [dataset.meta(i)["image_id"] for i in rows],
+            "boxes": [dataset.meta(i)["boxes"] for i in rows]}
+
+
+__all__ = ["box_maps", "evidence_kind", "own_evidence", "LABELS", "uint8_images", "disease_maps",
+           "cross_attention_maps"]

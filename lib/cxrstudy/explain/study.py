@@ -21,7 +21,7 @@ from ..data.labels import match_classes
 from .cams import LABELS as CAM_LABELS
 from .cams import METHODS, class_maps
 from .discovery import TrainedModel
-from .evidence import own_evidence
+from .evidence import own_evidence, uint8_images
 from .images import item_boxes, item_images
 from .localization import localize
 from .target_layers import cam_target
@@ -74,7 +74,7 @@ def explain_models(trained: Sequence[TrainedModel], dataset, items: pd.DataFrame
     display = item_images(dataset, items.iloc[shown], display_size)
     result = Explanations(
         items=items, models=pd.DataFrame(), rows=pd.DataFrame(), display_size=int(display_size),
-        images=[(display[k, 0].numpy() * 255).astype(np.uint8) for k in range(len(shown))],
+        images=uint8_images(display),
         boxes=[display_boxes[k] for k in shown],
         titles=[f"{items.at[k, 'image_id']}\n{items.at[k, 'class']}" for k in shown])
     model_rows, rows = [], []

@@ -243,6 +243,31 @@ def student_view(student_maps: torch.Tensor, student_layout: TokenLayout,
     return drop_prefix(student_maps, student_layout) if prefix == "drop" else student_maps
 
 
+def minmax_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """Each map [N, ...] rescaled to [0, 1] on its own (min → 0, max → 1; a flat map → 0), so
+    maps of different models or images can share one colour scale."""
+    maps = maps.float()
+    flat = maps.flatten(1)
+    shape = (-1,) + (1,) * (maps.dim() - 1)
+    low, high = flat.min(dim=1).values.view(shape), flat.max(dim=1).values.view(shape)
+    return (maps - low) / (high - low).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def cls_attention(model: nn.Module, images: torch.Tensor, layer: int = -1):
+    """Head-averaged attention of the CLS token over the patches at ``layer``, as [N, g, g]
+    maps (numpy) rescaled to [0, 1] per image (the picture of "where the model looks")."""
+    model.eval()
+    device = next(model.parameters()).device
+    layout = token_layout(model)
+    with AttentionRecorder(model, [layer]) as recorder:
+        model(images.to(device))
+        maps = recorder.ordered()[0]
+    cls_row = maps[:, 0, layout.prefix:].float().cpu().reshape(-1, *layout.grid)
+    return minmax_per_image(cls_row).numpy()
+
+
 __all__ = ["patch_size_for", "TokenLayout", "token_layout", "attention_modules",
            "normalise_layers", "AttentionRecorder", "drop_prefix", "resize_attention",
-           "check_alignment", "align_attention", "student_view", "ALIGN_MODES", "PREFIX_MODES"]
+           "check_alignment", "align_attention", "student_view", "ALIGN_MODES", "PREFIX_MODES",
+           "minmax_per_image", "cls_attention"]

@@ -17,7 +17,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 #: Arm → class loss, in the order the tables read: each network alone, the two together, the
 #: two cross-attending (every ``can_*`` arm is the same CAN, only the loss differs).
@@ -118,20 +117,4 @@ def comparisons(runs: Mapping[str, object]) -> pd.DataFrame:
                                        "DeLong p (micro)"])
 
 
-@torch.no_grad()
-def cross_attention_maps(model, dataset, rows: Sequence[int]) -> dict:
-    """Each network's attention a₁, a₂ on the given test rows: images (uint8), maps per network
-    [N, h, w] in [0, 1] (not rescaled: the sigmoid's own scale), titles and boxes."""
-    model.eval()
-    device = next(model.parameters()).device
-    batch = torch.stack([dataset[i]["image"] for i in rows])
-    model(batch.to(device))
-    maps = model.attention_maps().float().cpu().numpy()  # [N, 2, h, w]
-    return {"images": [(batch[k, 0].numpy() * 255).astype(np.uint8) for k in range(len(rows))],
-            "maps": {"network 1 attention": maps[:, 0], "network 2 attention": maps[:, 1]},
-            "titles": [dataset.meta(i)["image_id"] for i in rows],
-            "boxes": [dataset.meta(i)["boxes"] for i in rows]}
-
-
-__all__ = ["ARMS", "COMPARISONS", "ordered_arms", "arm_loss", "train_arm", "comparisons",
-           "cross_attention_maps"]
+__all__ = ["ARMS", "COMPARISONS", "ordered_arms", "arm_loss", "train_arm", "comparisons"]

@@ -192,34 +192,7 @@ def label_efficiency(data, out, fractions: Sequence[float], arms: Sequence[str],
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
-def disease_maps(model, dataset, rows: Sequence[int]) -> dict:
-    """GLoRI's attention map for one class per image: the class of the image's first box when
-    it has one, else its highest-scoring class. Returns images (uint8), maps [N, h, w] in
-    [0, 1], titles and boxes (that class's boxes only)."""
-    model.eval()
-    device = next(model.parameters()).device
-    batch = torch.stack([dataset[i]["image"] for i in rows])
-    probs = torch.sigmoid(model(batch.to(device))).cpu()
-    maps = model.attention_maps().float().cpu()  # [N, C, h, w]
-    classes = list(dataset.classes)
-    chosen, boxes, titles = [], [], []
-    for k, i in enumerate(rows):
-        own = dataset.meta(i)["boxes"]
-        labelled = [b for b in own if b["label"] in classes]
-        c = classes.index(labelled[0]["label"]) if labelled else int(probs[k].argmax())
-        chosen.append(c)
-        boxes.append([b for b in own if b["label"] == classes[c]])
-        titles.append(f"{classes[c]} (p={probs[k, c]:.2f})")
-    picked = maps[torch.arange(len(rows)), torch.tensor(chosen)]
-    low = picked.flatten(1).min(dim=1).values[:, None, None]
-    high = picked.flatten(1).max(dim=1).values[:, None, None]
-    picked = (picked - low) / (high - low).clamp_min(1e-12)
-    images = [(batch[k, 0].numpy() * 255).astype(np.uint8) for k in range(len(rows))]
-    return {"images": images, "maps": picked.numpy(), "titles": titles, "boxes": boxes}
-
-
 __all__ = ["ARMS", "BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "glori_loss", "arm_settings",
            "prevalence_buckets",
            "bucket_table", "with_training_fraction", "save_backbone", "train_arms",
-           "label_efficiency", "disease_maps"]
+           "label_efficiency"]

@@ -18,10 +18,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.labels import canonical
-from ..models import AttentionRecorder, patch_size_for, token_layout
+from ..models import patch_size_for
 from ..train.mlcak import DEFAULT_GAMMA
 
 ARMS = ("alone", "logit_kd", "mlcak")
@@ -212,24 +211,6 @@ def group_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
             .reset_index())
 
 
-@torch.no_grad()
-def cls_attention(model: torch.nn.Module, images: torch.Tensor, layer: int = -1) -> np.ndarray:
-    """Head-averaged attention of the CLS token over the patches at ``layer``, as [N, g, g]
-    maps rescaled to [0, 1] per image (the picture of "where the model looks")."""
-    model.eval()
-    device = next(model.parameters()).device
-    layout = token_layout(model)
-    with AttentionRecorder(model, [layer]) as recorder:
-        model(images.to(device))
-        maps = recorder.ordered()[0]
-    cls_row = maps[:, 0, layout.prefix:].float().cpu()
-    cls_row = cls_row.reshape(-1, *layout.grid)
-    low = cls_row.flatten(1).min(dim=1).values[:, None, None]
-    high = cls_row.flatten(1).max(dim=1).values[:, None, None]
-    return ((cls_row - low) / (high - low).clamp_min(1e-12)).numpy()
-
-
 __all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "prepare_resolutions",
            "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
-           "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas",
-           "cls_attention"]
+           "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas"]
