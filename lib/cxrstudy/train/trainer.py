@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_tqdm
 
 from . import checkpoint as ckpt
 from .losses import masked_bce, make_loss
@@ -203,9 +205,17 @@ class Trainer:
         # split_batches: a DataLoader's batch is the global batch, cut into one slice per
         # process, so batch_size, the optimiser steps and the LR schedule do not depend on how
         # many processes run (and one process is unchanged).
-        self.accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.mixed_precision,
+        # Without a GPU, Accelerate joins launched processes into a (gloo) group only when told
+        # the run is on the CPU; one process on the CPU is the same run either way.
+        self.accelerator = Accelerator(cpu=self.config.cpu or not torch.cuda.is_available(),
+                                       mixed_precision=self.mixed_precision,
                                        dataloader_config=DataLoaderConfiguration(
                                            split_batches=True))
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes != launched:
+            raise RuntimeError(f"this process was launched as one of {launched} (WORLD_SIZE) but "
+                               f"Accelerate sees {self.accelerator.num_processes}: each would "
+                               f"train alone and overwrite the others' checkpoints")
         self.model_config = dict(getattr(model, "cxr_config", {}) or {})
         self.channels_last = bool(self.config.channels_last) and self.device.type == "cuda"
         if self.channels_last:
@@ -300,8 +310,11 @@ class Trainer:
 
     def _bar(self, iterable, total, desc):
         show = self.config.progress and self.accelerator.is_local_main_process
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show,
-                    dynamic_ncols=True)
+        # A process forked from a notebook kernel cannot draw widgets (ipykernel refuses to send
+        # from a fork); text bars reach the notebook through its output stream.
+        bar = tqdm if self.accelerator.num_processes == 1 else text_tqdm
+        return bar(iterable, total=total, desc=desc, leave=False, disable=not show,
+                   dynamic_ncols=True)
 
     # ---- the overridable step ------------------------------------------------------------------
     def training_step(self, batch: dict) -> torch.Tensor:
@@ -589,6 +602,8 @@ class Trainer:
         cfg = self.config
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
+        if self.accelerator.num_processes > 1:
+            self._seed_augment_per_process(epoch)
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         images = 0
@@ -627,6 +642,15 @@ class Trainer:
         return {"epoch": epoch + 1, "train_loss": float(totals[0] / totals[1].clamp_min(1)),
                 "lr": float(lr),
                 "images_per_s": float(totals[1]) / seconds if seconds > 0 else float("nan")}
+
+    def _seed_augment_per_process(self, epoch: int) -> None:
+        """Several processes: give each its own augmentation stream, fixed by (seed, epoch,
+        process). Copies of one seeded stream would transform the processes' slices of a global
+        batch alike; seeding at each epoch start keeps a run resumed from last.pt exact."""
+        generator = getattr(self.augment, "generator", None)
+        if isinstance(generator, torch.Generator):
+            entropy = [int(self.config.seed), int(epoch), int(self.accelerator.process_index)]
+            generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def _report(self, row: dict) -> None:
         line = (f"epoch {row['epoch']}/{self.config.epochs}: train_loss {row['train_loss']:.4f}"
