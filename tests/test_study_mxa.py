@@ -237,3 +237,20 @@ def test_box_statistics_leaves_the_model_in_the_mode_it_found(training):
     model = create_model("efficientvit_m0_mxa", 3, image_size=64, distilled=True).train(training)
     box_statistics(model, [{"image": torch.rand(2, 1, 64, 64)}])
     assert all(m.training == training for m in model.modules())
+
+
+def test_the_paper_reference_is_read_on_access_not_on_import(monkeypatch):
+    import importlib
+
+    from cxrstudy.report import reference
+
+    read = []
+    for name in ("values_by_prefix", "paper"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name,
+                            lambda *a, _f=original, _n=name, **k: read.append(_n) or _f(*a, **k))
+    fresh = importlib.reload(study)
+    assert read == []  # importing the study reads nothing
+    assert fresh.PAPER_GAIN == 0.19 and read[0] == "values_by_prefix"  # on first access
+    monkeypatch.undo()
+    importlib.reload(study)

@@ -21,18 +21,34 @@ from ..models import count_parameters, create_model
 from ..models.sigmoid_output import (NEGATIVE_FLOOR, POSITIVE_FLOOR, double_sigmoid_loss_floor)
 from ..report import reference
 
-# The paper's numbers live in params/paper_reference.yaml, each with its source; read once here.
-_PAPER = reference.paper("mxa")
-PAPER = f"{_PAPER['short']}, {_PAPER['setting']['dataset']}"
-#: Reported parameter counts, in millions (14 classes, 224 px): variant → without/with MXA.
-PAPER_PARAMETERS_M: dict[str, dict[str, float]] = {}
-for _key, _value in reference.values_by_prefix("mxa", "params_m").items():  # <variant>.<with_mxa|without_mxa>
-    _variant, _which = _key.split(".", 1)
-    PAPER_PARAMETERS_M.setdefault(_variant, {})[_which.replace("_mxa", " MXA")] = _value
-#: Reported micro-AUC of the arms the paper gives (EfficientViT-M5 backbone), by the paper's name.
-PAPER_MICRO_AUC = reference.values_by_prefix("mxa", "micro_auc")
-#: The paper's reported gain of M5 + MXA + KD over its baseline (0.85 − 0.66).
-PAPER_GAIN = round(PAPER_MICRO_AUC["mxa_kd"] - PAPER_MICRO_AUC["baseline"], 4)
+# The paper's numbers live in params/paper_reference.yaml, each with its source. They are read
+# when first asked for (report.reference caches the file), not when this module is imported:
+# the module-level names PAPER, PAPER_MICRO_AUC, ... below are computed on access (PEP 562).
+
+
+def paper_entry() -> dict:
+    """The MXA paper's entry of params/paper_reference.yaml."""
+    return reference.paper("mxa")
+
+
+def paper_parameters_m() -> dict[str, dict[str, float]]:
+    """Reported parameter counts, in millions (14 classes, 224 px): variant → without/with MXA."""
+    counts: dict[str, dict[str, float]] = {}
+    for key, value in reference.values_by_prefix("mxa", "params_m").items():  # <variant>.<with_mxa|without_mxa>
+        variant, which = key.split(".", 1)
+        counts.setdefault(variant, {})[which.replace("_mxa", " MXA")] = value
+    return counts
+
+
+def paper_micro_auc() -> dict[str, float]:
+    """Reported micro-AUC of the arms the paper gives (EfficientViT-M5), by the paper's name."""
+    return reference.values_by_prefix("mxa", "micro_auc")
+
+
+def paper_gain() -> float:
+    """The paper's reported gain of M5 + MXA + KD over its baseline (0.85 − 0.66)."""
+    reported = paper_micro_auc()
+    return round(reported["mxa_kd"] - reported["baseline"], 4)
 
 
 def paper_micro_auc_by_arm(notebook: str = "03_knowledge_distillation") -> dict[str, float]:
@@ -40,7 +56,7 @@ def paper_micro_auc_by_arm(notebook: str = "03_knowledge_distillation") -> dict[
     of its entry in params/paper_reference.yaml): the 0.66 baseline sits beside
     ``authors_baseline``, the model that reproduces it, not beside our correctly trained one."""
     found = {}
-    for entry in _PAPER["numbers"]:
+    for entry in paper_entry()["numbers"]:
         if entry["key"].startswith("micro_auc.") and "value" in entry:
             for spec in entry.get("arms", []):
                 source, _, arm = spec.partition("/")
@@ -49,8 +65,25 @@ def paper_micro_auc_by_arm(notebook: str = "03_knowledge_distillation") -> dict[
     return found
 
 
-#: The paper column of notebook 03's ablation table.
-PAPER_MICRO_AUC_BY_ARM = paper_micro_auc_by_arm()
+def authors_n_parameters() -> dict[str, int]:
+    """``n_parameters`` of the authors' logs (params/paper_reference.yaml, ``log_n_parameters.*``)."""
+    return reference.values_by_prefix("mxa", "log_n_parameters")
+
+
+_ON_ACCESS = {
+    "PAPER": lambda: f"{paper_entry()['short']}, {paper_entry()['setting']['dataset']}",
+    "PAPER_PARAMETERS_M": paper_parameters_m,
+    "PAPER_MICRO_AUC": paper_micro_auc,
+    "PAPER_GAIN": paper_gain,
+    "PAPER_MICRO_AUC_BY_ARM": paper_micro_auc_by_arm,  # the paper column of 03's ablation table
+    "AUTHORS_N_PARAMETERS": authors_n_parameters,
+}
+
+
+def __getattr__(name: str):
+    if name in _ON_ACCESS:
+        return _ON_ACCESS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +159,7 @@ def parameter_counts(variants: Iterable[str] = ("efficientvit_m0", "efficientvit
         shape = dict(in_chans=in_chans, image_size=image_size)
         plain = _meta_model(variant, num_classes, **shape)
         with_mxa = _meta_model(f"{variant}_mxa", num_classes, **shape)
-        paper = PAPER_PARAMETERS_M.get(variant, {})
+        paper = paper_parameters_m().get(variant, {})
         rows.append({
             "model": variant, "without MXA (M)": count_parameters(plain) / 1e6,
             "with MXA (M)": count_parameters(with_mxa) / 1e6,
@@ -146,11 +179,9 @@ AUTHORS_RUNS: dict[str, dict] = {
     "mxa_kd": {"log": "augs:u1+MXA+KD", "model": "efficientvit_m5_mxa", "in_chans": 1,
                "distilled": True},
 }
-#: ``n_parameters`` of each of those logs (params/paper_reference.yaml, ``log_n_parameters.*``).
-AUTHORS_N_PARAMETERS = reference.values_by_prefix("mxa", "log_n_parameters")
-#: Their class count and input size (args.txt: nb_classes 14, input_size 224).
-AUTHORS_NUM_CLASSES = _PAPER["setting"]["classes"]
-AUTHORS_IMAGE_SIZE = _PAPER["setting"]["image_size"]
+#: Their class count and input size (args.txt: nb_classes 14, input_size 224; the paper's setting).
+AUTHORS_NUM_CLASSES = 14
+AUTHORS_IMAGE_SIZE = 224
 
 
 def authors_parameter_counts() -> pd.DataFrame:
@@ -163,7 +194,7 @@ def authors_parameter_counts() -> pd.DataFrame:
         ours = count_parameters(_meta_model(spec["model"], AUTHORS_NUM_CLASSES, **kwargs))
         call = ", ".join([repr(spec["model"]), str(AUTHORS_NUM_CLASSES)]
                          + [f"{k}={v!r}" for k, v in kwargs.items()])
-        logged = AUTHORS_N_PARAMETERS.get(run)
+        logged = authors_n_parameters().get(run)
         rows.append({"run": run, "authors' log": f"Results/ablation_study/{spec['log']}/log.txt",
                      "configuration": f"create_model({call})",
                      "authors' n_parameters": logged, "ours": ours,
@@ -233,7 +264,7 @@ def authors_baseline_check(run, data) -> dict:
 _GAIN_STEPS = (
     ("the double sigmoid (fixed)", "authors_baseline", "baseline", np.nan),
     ("MXA + KD over a correct baseline", "baseline", "mxa_kd", np.nan),
-    ("the paper's comparison", "authors_baseline", "mxa_kd", PAPER_GAIN),
+    ("the paper's comparison", "authors_baseline", "mxa_kd", None),  # None: the paper's gain
 )
 
 
@@ -247,7 +278,7 @@ def paper_gain_parts(table: pd.DataFrame) -> pd.DataFrame:
     """
     micro = table.set_index("arm")["micro AUC"]
     rows = [{"step": step, "from": a, "to": b, "Δ micro AUC (ours)": float(micro[b] - micro[a]),
-             "paper Δ micro AUC": paper}
+             "paper Δ micro AUC": paper_gain() if paper is None else paper}
             for step, a, b, paper in _GAIN_STEPS if a in micro.index and b in micro.index]
     return pd.DataFrame(rows, columns=["step", "from", "to", "Δ micro AUC (ours)",
                                        "paper Δ micro AUC"])
@@ -273,7 +304,7 @@ def paper_gain_sentence(parts: pd.DataFrame) -> str:
     else:
         verdict = "no gain at all here"
     return (text + f"; MXA + KD then add {method:+.3f} over that correct baseline. Together "
-            f"{total:+.3f}, the comparison the paper reports as {PAPER_GAIN:+.2f}: {verdict}.")
+            f"{total:+.3f}, the comparison the paper reports as {paper_gain():+.2f}: {verdict}.")
 
 
 RUN_PREFIX = "run:"
@@ -342,8 +373,9 @@ def prepare_teacher(teacher: str, data, out, *, teacher_model: str = "densenet12
     return module, {"teacher": teacher, "overall": overall, "per_class": per_class}
 
 
-__all__ = ["ARMS", "Arm", "PAPER", "PAPER_MICRO_AUC", "PAPER_PARAMETERS_M", "arm_model",
+__all__ = ["ARMS", "Arm", "arm_model", "paper_entry", "paper_parameters_m", "paper_micro_auc",
+           "paper_gain", "authors_n_parameters",
            "arms_table", "parameter_counts", "authors_parameter_counts", "AUTHORS_RUNS",
-           "AUTHORS_N_PARAMETERS", "train_arm", "prepare_teacher", "sibling_run",
-           "PAPER_GAIN", "PAPER_MICRO_AUC_BY_ARM", "paper_micro_auc_by_arm", "VIEWS",
+           "train_arm", "prepare_teacher", "sibling_run",
+           "paper_micro_auc_by_arm", "VIEWS",
            "view_options", "authors_baseline_check", "paper_gain_parts", "paper_gain_sentence"]
