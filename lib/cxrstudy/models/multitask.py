@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .distill import _fresh_copy, class_head_name
+from .heads import SecondHeadModel, fresh_copy
 from .registry import register_model
 
 MULTITASK_VITS = ("deit_tiny", "deit_small", "vit_small")
@@ -49,7 +49,7 @@ class MultiTaskOutput(NamedTuple):
 
 def _one_logit_head(head: nn.Module) -> nn.Module:
     """``head`` with fresh weights and its last Linear narrowed to one output."""
-    new = _fresh_copy(head)
+    new = fresh_copy(head)
     if isinstance(new, nn.Linear):
         return _narrow(new)
     parent = new
@@ -70,33 +70,20 @@ def _narrow(linear: nn.Linear) -> nn.Linear:
     return out
 
 
-class MultiTaskClassifier(nn.Module):
+class MultiTaskClassifier(SecondHeadModel):
     """``backbone`` plus a global (normal vs abnormal) head on its pooled features.
 
     State-dict keys: ``backbone.*`` (the original model's) and ``head_global.*``.
     """
 
     def __init__(self, backbone: nn.Module):
-        super().__init__()
         if isinstance(backbone, MultiTaskClassifier):
             raise ValueError("the model already has a global head")
-        self.head_name = class_head_name(backbone)
-        self.backbone = backbone
+        super().__init__(backbone)
         self.head_global = _one_logit_head(backbone.get_submodule(self.head_name))
         self.num_classes = getattr(backbone, "num_classes", None)
         self.num_features = getattr(backbone, "num_features", None)
         self.cxr_config = multitask_config(getattr(backbone, "cxr_config", None))
-
-    @property
-    def head(self) -> nn.Module:
-        """The local (findings) head: the backbone's own classifier."""
-        return self.backbone.get_submodule(self.head_name)
-
-    def get_classifier(self) -> nn.Module:
-        return self.backbone.get_classifier()
-
-    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def forward_tasks(self, x: torch.Tensor) -> MultiTaskOutput:
         """Both tasks' logits whatever the mode."""
@@ -106,10 +93,6 @@ class MultiTaskClassifier(nn.Module):
     def forward(self, x: torch.Tensor):
         out = self.forward_tasks(x)
         return out if self.training else out.local
-
-    def no_weight_decay(self) -> set[str]:
-        own = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else ()
-        return {f"backbone.{name}" for name in own}
 
 
 def multitask_config(config: dict | None) -> dict:
