@@ -39,21 +39,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .losses import LossFn, masked_bce, masked_mean, register_loss
+from .losses import LossFn, checked_inputs, masked_bce, masked_mean, register_loss
 
 BALANCE_MODES = ("batch", "prevalence")
-
-
-def _checked(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 logits, target and mask (all ones when None), all of one shape."""
-    if logits.shape != target.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
-    if mask is None:
-        mask = torch.ones_like(target)
-    elif mask.shape != target.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} and target {tuple(target.shape)} differ")
-    return logits.float(), target.float(), mask.float()
 
 
 def _per_class(values, num_classes: int | None, device, name: str) -> torch.Tensor:
@@ -74,7 +62,7 @@ def _check_prevalence(prevalence) -> torch.Tensor:
 def masked_focal(logits, target, mask=None, gamma: float = 2.0, alpha: float | None = None
                  ) -> torch.Tensor:
     """Focal BCE ``−α_t (1 − p_t)^γ log p_t`` over known labels (module docstring)."""
-    z, y, m = _checked(logits, target, mask)
+    z, y, m = checked_inputs(logits, target, mask)
     nll = F.binary_cross_entropy_with_logits(z, y, reduction="none")      # −log p_t
     p = torch.sigmoid(z)
     p_t = y * p + (1 - y) * (1 - p)
@@ -136,7 +124,7 @@ def masked_asl(logits, target, mask=None, gamma_neg: float = 4.0, gamma_pos: flo
                clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
     """Asymmetric loss over known labels (module docstring); ``clip`` m shifts negatives'
     probabilities so easy negatives (p ≤ m) give exactly zero loss."""
-    z, y, m = _checked(logits, target, mask)
+    z, y, m = checked_inputs(logits, target, mask)
     p = torch.sigmoid(z)
     log_p = F.logsigmoid(z)
     if clip > 0:
@@ -190,7 +178,7 @@ def masked_can_balance(logits, target, mask=None, gamma: float = 2.0, prevalence
                        ) -> torch.Tensor:
     """CAN's balance loss ``−(1 − p_t)^γ [w⁺ y log p + w⁻ (1 − y) log(1 − p)]`` over known
     labels (module docstring)."""
-    z, y, m = _checked(logits, target, mask)
+    z, y, m = checked_inputs(logits, target, mask)
     w_pos, w_neg = balance_weights(y, m, prevalence)
     p = torch.sigmoid(z)
     p_t = y * p + (1 - y) * (1 - p)

@@ -30,22 +30,28 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Binary cross-entropy with logits averaged over known labels (see module docstring).
-
-    Computed in float32 whatever the autocast dtype, so bf16 logits do not lose the loss.
-    """
+def checked_inputs(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits, target and mask (all ones when None), refused unless of one shape."""
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
     if mask is None:
         mask = torch.ones_like(target)
     elif mask.shape != target.shape:
         raise ValueError(f"mask {tuple(mask.shape)} and target {tuple(target.shape)} differ")
-    logits = logits.float()
+    return logits.float(), target.float(), mask.float()
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy with logits averaged over known labels (see module docstring).
+
+    Computed in float32 whatever the autocast dtype, so bf16 logits do not lose the loss.
+    """
+    logits, target, mask = checked_inputs(logits, target, mask)
     if pos_weight is not None:
         pos_weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    per_entry = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none",
+    per_entry = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                                    pos_weight=pos_weight)
     return masked_mean(per_entry, mask)
 
@@ -83,4 +89,4 @@ def list_losses() -> list[str]:
     return sorted(LOSSES)
 
 
-__all__ = ["masked_bce", "masked_mean", "register_loss", "make_loss", "list_losses", "LOSSES"]
+__all__ = ["masked_bce", "masked_mean", "checked_inputs", "register_loss", "make_loss", "list_losses", "LOSSES"]
