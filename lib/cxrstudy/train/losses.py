@@ -89,4 +89,5 @@ def list_losses() -> list[str]:
     return sorted(LOSSES)
 
 
-__all__ = ["masked_bce", "masked_mean", "checked_inputs", "register_loss", "make_loss", "list_losses", "LOSSES"]
+__all__ = ["masked_bce", "masked_mean", "checked_inputs", "register_loss", "make_loss",
+           "list_losses", "LOSSES"]
