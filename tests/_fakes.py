@@ -101,14 +101,14 @@ class FolderCXR(CXRDataset):
         if missing:
             raise ValueError(f"{self.root / 'labels.csv'}: missing columns {missing}")
         self.records = table[["image_id", "patient_id", "view", "sex", "age"]].copy()
+        self.records["path"] = [str(self.root / "images" / i) for i in table["image_id"]]
         self.labels = table[FAKE_CLASSES].to_numpy(dtype=np.float32)
         self.reads = collections.Counter()  # shared with subsets (shallow __dict__ copy)
         self.validate()
 
     def read_image(self, i: int) -> np.ndarray:
-        image_id = self.records.at[i, "image_id"]
-        self.reads[image_id] += 1
-        return read_image_file(self.root / "images" / image_id)
+        self.reads[self.records.at[i, "image_id"]] += 1
+        return read_image_file(self.records.at[i, "path"])  # a file per row, as the real adapters
 
     def cache_key(self) -> str:
         return f"{self.name}:{self.root.resolve()}"

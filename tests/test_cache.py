@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 import time
@@ -217,3 +218,47 @@ def test_real_nih_sample_caches_all_images(nih_sample_root, tmp_path):
     first = cached.records.at[0, "image_id"]
     expected = resize_uint8(read_image_file(nih_sample_root / "images" / first), 32)
     assert np.array_equal(cached.cache.get(first), expected)
+
+
+def _touch_later(path):
+    """Move the file's modification time on, as an edit a second later would."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def test_an_image_changed_after_caching_is_read_again(folder, tmp_path):
+    from PIL import Image
+
+    ImageCache.build(FolderCXR(folder, image_size=32), cache_dir=tmp_path / "c", progress=False)
+    edited = folder / "images" / "img0003.png"
+    Image.fromarray(fake_pixels(9, 40)).save(edited)  # now shows image 9's pixels
+    _touch_later(edited)
+    again = FolderCXR(folder, image_size=32)
+    with pytest.warns(UserWarning, match="1 of 12 images changed on disk"):
+        cache = ImageCache.build(again, cache_dir=tmp_path / "c", progress=False)
+    assert sum(again.reads.values()) == 1  # only the edited row is decoded again
+    assert np.array_equal(cache.get("img0003.png"), resize_uint8(fake_pixels(9, 40), 32))
+    quiet = FolderCXR(folder, image_size=32)
+    ImageCache.build(quiet, cache_dir=tmp_path / "c", progress=False)  # now up to date
+    assert sum(quiet.reads.values()) == 0
+
+
+def test_a_repaired_image_is_no_longer_dropped_and_a_deleted_one_is(tmp_path):
+    from PIL import Image
+
+    folder = write_fake_folder(tmp_path / "f", n=8, missing=[2], corrupt=[5])
+    with pytest.warns(UserWarning, match="dropping 2 of 8"):
+        attach_cache(FolderCXR(folder, image_size=16), cache_dir=tmp_path / "c", progress=False)
+    Image.fromarray(fake_pixels(2, 40)).save(folder / "images" / "img0002.png")  # appears
+    Image.fromarray(fake_pixels(5, 40)).save(folder / "images" / "img0005.png")  # repaired
+    _touch_later(folder / "images" / "img0005.png")
+    (folder / "images" / "img0006.png").unlink()  # gone
+    with pytest.warns(UserWarning) as caught:
+        kept = attach_cache(FolderCXR(folder, image_size=16), cache_dir=tmp_path / "c",
+                            progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("3 of 8 images changed on disk" in m for m in messages)
+    assert any("dropping 1 of 8" in m and "img0006.png" in m for m in messages)
+    assert set(kept.cache.failures) == {"img0006.png"}
+    assert "img0005.png" in set(kept.records["image_id"])
+    assert np.array_equal(kept.cache.get("img0005.png"), resize_uint8(fake_pixels(5, 40), 16))

@@ -8,8 +8,15 @@ A cache is keyed by ``(dataset.cache_key(), ordered image ids, S)``. Its files l
 ``cache_dir`` (default :func:`cxrstudy.paths.cache_dir`):
 
 - ``<name>-<S>px-<hash12>.u8``: the raw pixels, row ``k`` = image ``ids[k]``;
-- ``<name>-<S>px-<hash12>.json``: the sidecar (ids, size, shape, failed ids with reasons and a
-  ``complete`` flag). A cache counts as built only when the sidecar says ``complete``.
+- ``<name>-<S>px-<hash12>.json``: the sidecar (ids, size, shape, failed ids with reasons, each
+  row's source file signature and a ``complete`` flag). A cache counts as built only when the
+  sidecar says ``complete``.
+
+Nothing stale: every row remembers its file's (modification time, size) when it was read. When a
+cache is opened again, a row whose file changed since (overwritten, repaired, deleted, or
+appeared) is decoded again in place and its failure record updated, so an edited image never
+keeps serving its old pixels and a repaired one is no longer dropped. Datasets whose pixels do
+not come from one file per row (arrays, procedural phantoms) are keyed by their ids alone.
 
 Builds stream in chunks through a small thread pool (PIL releases the GIL while decoding) into a
 temporary file that is renamed into place at the end, so an interrupted build never looks
@@ -35,7 +42,7 @@ from .. import paths
 from ..files import write_json_atomic
 from .base import CorruptImageError, CXRDataset, resize_uint8
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2           # 2: per-row file signatures (older caches are rebuilt)
 DEFAULT_CHUNK = 256          # images decoded per chunk: bounds memory to chunk × S² bytes
 MAX_LISTED = 20              # failures named in a warning (the sidecar keeps all of them)
 
@@ -55,6 +62,21 @@ def cache_stem(dataset: CXRDataset, size: int | None = None) -> str:
     digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(dataset.name)) or "dataset"
     return f"{name}-{size}px-{digest}"
+
+
+def file_signatures(dataset: CXRDataset) -> list[list[int] | None]:
+    """Per row, ``[mtime_ns, bytes]`` of its source file (``records["path"]``); None where the
+    row has no file or the file is not there. All None for datasets without a path column."""
+    if "path" not in dataset.records.columns:
+        return [None] * len(dataset)
+    signatures = []
+    for path in dataset.records["path"]:
+        try:
+            stat = os.stat(path) if isinstance(path, str) else None
+        except OSError:
+            stat = None
+        signatures.append(None if stat is None else [stat.st_mtime_ns, stat.st_size])
+    return signatures
 
 
 def cache_paths(dataset: CXRDataset, cache_dir=None, size: int | None = None) -> tuple[Path, Path]:
@@ -155,7 +177,12 @@ class ImageCache:
             raise ValueError(f"{dataset.name}: cannot cache an empty dataset")
         data_path, sidecar_path = cache_paths(dataset, cache_dir)
         sidecar = cls._read_complete_sidecar(data_path, ids, size)
+        signatures = file_signatures(dataset)
         if sidecar is not None:
+            changed = [row for row, (then, now) in enumerate(zip(sidecar["files"], signatures))
+                       if then != now]
+            if changed:
+                sidecar = cls._refresh_rows(dataset, data_path, sidecar, changed, signatures)
             return cls(data_path, sidecar)
 
         data_path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +190,7 @@ class ImageCache:
         sidecar = {
             "version": SIDECAR_VERSION, "name": dataset.name, "cache_key": dataset.cache_key(),
             "size": size, "shape": [len(ids), size, size], "dtype": "uint8",
-            "ids": ids, "failures": [], "complete": False,
+            "ids": ids, "files": signatures, "failures": [], "complete": False,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(sidecar_path, sidecar, indent=1)
@@ -180,6 +207,38 @@ class ImageCache:
         sidecar["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(sidecar_path, sidecar, indent=1)
         return cls(data_path, sidecar)
+
+    @staticmethod
+    def _refresh_rows(dataset: CXRDataset, data_path: Path, sidecar: dict, rows: list[int],
+                      signatures: list) -> dict:
+        """Decode ``rows`` again into the pixel file (their files changed since they were cached)
+        and update their failure records and signatures; returns the new sidecar."""
+        size = int(sidecar["size"])
+        failures = {f["image_id"]: f["reason"] for f in sidecar["failures"]}
+        warnings.warn(f"{dataset.name}: {len(rows)} of {len(signatures)} images changed on disk "
+                      f"since they were cached; reading them again ({data_path.name})",
+                      stacklevel=3)
+        pixels = np.memmap(data_path, dtype=np.uint8, mode="r+",
+                           shape=(len(sidecar["ids"]), size, size))
+        try:
+            for row in rows:
+                image_id = sidecar["ids"][row]
+                try:
+                    pixels[row] = resize_uint8(dataset.read_image(row), size)
+                    failures.pop(image_id, None)
+                except (OSError, CorruptImageError) as exc:
+                    pixels[row] = 0
+                    failures[image_id] = _failure_reason(exc)
+            pixels.flush()
+        finally:
+            del pixels
+        order = {image_id: k for k, image_id in enumerate(sidecar["ids"])}
+        sidecar = dict(sidecar, files=signatures,
+                       failures=[{"image_id": i, "reason": failures[i]}
+                                 for i in sorted(failures, key=order.__getitem__)],
+                       refreshed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        write_json_atomic(data_path.with_suffix(".json"), sidecar, indent=1)
+        return sidecar
 
     @staticmethod
     def _stream_pixels(dataset: CXRDataset, tmp: Path, size: int, progress: bool,
@@ -315,4 +374,5 @@ def attach_cache(dataset: CXRDataset, cache_dir=None, progress: bool = True) -> 
     return dataset.subset(np.flatnonzero(~failed_mask), split_name=dataset.split_name)
 
 
-__all__ = ["ImageCache", "ImageFailuresError", "attach_cache", "cache_paths", "cache_stem"]
+__all__ = ["ImageCache", "ImageFailuresError", "attach_cache", "cache_paths", "cache_stem",
+           "file_signatures"]
