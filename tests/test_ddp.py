@@ -25,7 +25,7 @@ from torch import nn
 from cxrstudy.data.loader import BatchLoader
 from cxrstudy.models import register_model
 from cxrstudy.train import load_checkpoint
-from cxrstudy.train.launch import LaunchPlan, plan_launch
+from cxrstudy.train.launch import LaunchPlan, launch, plan_launch
 from cxrstudy.train.sharding import split_ready_loader
 
 SIZE, IMAGES, BATCH = 16, 100, 14  # synthetic splits: 70 train, 10 validation, 20 test
@@ -166,3 +166,11 @@ def test_launch_plan_from_num_processes_or_an_accelerate_config(tmp_path):
         LaunchPlan(num_processes=2, num_machines=2)
     with pytest.raises(ValueError, match="machine_rank"):
         LaunchPlan(num_processes=2, num_machines=2, machine_rank=2, main_process_port=1)
+
+
+def test_launches_that_cannot_work_are_refused_before_forking(monkeypatch):
+    with pytest.raises(ValueError, match="accelerate launch"):  # one process on each machine
+        launch(print, plan=LaunchPlan(num_processes=1, num_machines=2, main_process_port=29555))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="already used CUDA"):
+        launch(print, plan=LaunchPlan(num_processes=2))

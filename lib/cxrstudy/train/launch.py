@@ -95,9 +95,15 @@ def free_port() -> int:
 def launch(function: Callable, args=(), plan: LaunchPlan | None = None) -> None:
     """Run ``function(*args)`` in every process of ``plan`` on this machine; returns when all
     have finished (an exception in any of them is raised here)."""
+    import torch
     from accelerate import notebook_launcher
 
     plan = plan or LaunchPlan()
+    if torch.cuda.is_initialized():
+        raise RuntimeError("this process has already used CUDA (a model or tensor on the GPU, "
+                           "e.g. a teacher's predictions), and processes forked from it cannot; "
+                           "launch data-parallel runs before any GPU work in the notebook, or "
+                           "restart its kernel")
     if plan.num_machines > 1 and plan.num_processes == 1:
         raise ValueError("Accelerate's notebook launcher starts processes only when there are "
                          "several per machine; with one process on each of several machines run "
