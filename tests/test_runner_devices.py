@@ -92,6 +92,17 @@ def test_a_run_reference_is_a_dependency_for_that_profile_only(study):
     assert notebook_dependencies(specs, own)["02_c"] == []
 
 
+@pytest.mark.parametrize("profile, upstream", [("tiny", []), ("sample", ["01_baseline"]),
+                                               ("default", ["01_baseline"])])
+def test_the_study_profiles_that_reuse_01s_teacher_make_03_wait_for_it(profile, upstream):
+    specs = discover_notebooks()
+    deps = notebook_dependencies(specs, resolve_parameters(profile, [], specs))
+    assert deps["03_knowledge_distillation"] == upstream
+    assert deps["07_explainability"][0] == "01_baseline" and deps["08_report"][-1] == "07_explainability"
+    overridden = resolve_parameters(profile, ["teacher=run:01_baseline/densenet121"], specs)
+    assert notebook_dependencies(specs, overridden)["03_knowledge_distillation"] == ["01_baseline"]
+
+
 @pytest.mark.parametrize("value, words", [("run:09_x/model", "names no notebook"),
                                           ("run:02_c/model", "refers to the notebook itself")])
 def test_a_bad_run_reference_is_refused_before_any_notebook(study, tmp_path, value, words):
