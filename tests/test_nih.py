@@ -275,3 +275,39 @@ def test_official_lists_become_the_split(tmp_path):
     (root / "test_list.txt").write_text("\n".join(names[:6]) + "\n")  # one image in both
     with pytest.raises(ValueError, match=names[5]):
         NIHDataset(root=root)
+
+
+def test_strict_images_from_the_environment(tmp_path, monkeypatch):
+    """CXRSTUDY_STRICT_IMAGES=1 (CI) makes load_dataset strict unless told otherwise."""
+    from cxrstudy.data import load_dataset
+
+    rows = [f"000000{p:02d}_000.png,Mass,0,{p},50,M,PA,1,1,0.1,0.1" for p in range(1, 11)]
+    root = fabricated_root(tmp_path, rows)
+    (root / "images" / "00000003_000.png").unlink()
+    monkeypatch.setenv("CXRSTUDY_STRICT_IMAGES", "1")
+    with pytest.raises(DataNotFoundError, match="missing"):
+        load_dataset("nih", root, split="all", image_size=16)
+    assert len(load_dataset("nih", root, split="all", image_size=16, strict=False)) == 10
+    monkeypatch.setenv("CXRSTUDY_STRICT_IMAGES", "0")
+    assert len(load_dataset("nih", root, split="all", image_size=16)) == 10
+
+
+def test_prepare_data_records_the_images_it_drops(tmp_path, monkeypatch):
+    import json
+
+    from cxrstudy.experiment import prepare_data
+    from cxrstudy.outputs import Outputs
+
+    monkeypatch.setenv("CXRSTUDY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CXRSTUDY_STRICT_IMAGES", raising=False)
+    rows = [f"000000{p:02d}_000.png,Mass,0,{p},50,M,PA,1,1,0.1,0.1" for p in range(1, 31)]
+    root = fabricated_root(tmp_path, rows)
+    (root / "images" / "00000007_000.png").write_bytes(b"not a png")
+    out = Outputs(tmp_path / "run")
+    with pytest.warns(UserWarning, match="dropping 1 of 30"):
+        data = prepare_data("nih", root, 16, out=out, progress=False)
+    assert list(data.dropped_images) == ["00000007_000.png"]
+    assert "cannot decode" in data.dropped_images["00000007_000.png"]
+    assert sum(len(part) for part in (data.train, data.val, data.test)) == 29
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["dropped_images"] == data.dropped_images

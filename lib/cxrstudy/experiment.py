@@ -31,6 +31,8 @@ class StudyData:
     image_size: int
     dataset: str
     synthetic: bool = False
+    #: image id → why it was left out (missing or undecodable file); empty when none was
+    dropped_images: dict[str, str] = field(default_factory=dict)
 
     def split_table(self) -> pd.DataFrame:
         frames = []
@@ -82,7 +84,10 @@ def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: i
     """Load ``dataset``, optionally keep ``max_images`` (whole patients), split by patient.
 
     The split comes from the release's official lists when present, else a seeded patient-level
-    split; it is saved to ``<output_dir>/splits.csv`` when ``out`` is given.
+    split; it is saved to ``<output_dir>/splits.csv`` when ``out`` is given. Images that could not
+    be read are left out (an error when the dataset is strict, see ``load_dataset``); they are
+    listed in ``data.dropped_images`` and in ``metrics.json`` (``dropped_images``) when ``out`` is
+    given, so a run never drops images silently.
     """
     full = load_dataset(dataset, data_root, split="all", image_size=image_size, seed=seed,
                         val_fraction=val_fraction, test_fraction=test_fraction, **options)
@@ -106,10 +111,12 @@ def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: i
                              "use more images or other split fractions")
         parts[name] = full.subset(rows, split_name=name)
     data = StudyData(classes=list(full.classes), image_size=int(image_size), dataset=dataset,
-                     synthetic=bool(getattr(full, "is_synthetic", False)), **parts)
+                     synthetic=bool(getattr(full, "is_synthetic", False)),
+                     dropped_images=dict(getattr(full, "dropped_images", {})), **parts)
     if out is not None:
         out.root.mkdir(parents=True, exist_ok=True)
         data.split_table().to_csv(out.root / "splits.csv", index=False)
+        out.save_metrics(dropped_images=data.dropped_images)
     return data
 
 

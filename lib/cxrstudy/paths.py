@@ -6,6 +6,8 @@ from pathlib import Path
 
 DATA_ROOT_ENV = "CXRSTUDY_DATA_ROOT"
 CACHE_DIR_ENV = "CXRSTUDY_CACHE_DIR"
+#: "1": any missing or undecodable image is an error instead of a dropped row (CI sets it).
+STRICT_IMAGES_ENV = "CXRSTUDY_STRICT_IMAGES"
 
 # Folder name of each dataset under the data root (the layout `make data` creates).
 DATASET_DIRS = {
@@ -44,6 +46,11 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
             f"{DATASET_DIRS.get(name, name)}/)."
         )
     return base / DATASET_DIRS.get(name, name)
+
+
+def strict_images() -> bool:
+    """Whether ``CXRSTUDY_STRICT_IMAGES`` asks for strict datasets (fail on any bad image)."""
+    return os.environ.get(STRICT_IMAGES_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache_dir() -> Path:

@@ -9,6 +9,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
+from .. import paths
 from .base import CXRDataset, CorruptImageError, collate
 
 # name -> "module:Class"; modules are imported on first use so a missing optional
@@ -79,7 +80,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     cache: bool = False,
     cache_dir=None,
-    strict: bool = False,
+    strict: bool | None = None,
     progress: bool = True,
     **options,
 ) -> CXRDataset:
@@ -90,6 +91,8 @@ def load_dataset(
     With ``cache=True`` the images are decoded and resized once into a uint8 memmap
     (see :mod:`cxrstudy.data.cache`) so later epochs read no image files.
     ``options`` go to the adapter (e.g. ``uncertainty="u_ones"`` for CheXpert).
+    ``strict``: a missing or undecodable image is an error instead of a dropped row (None: as
+    ``$CXRSTUDY_STRICT_IMAGES`` says, off by default).
     """
     from .splits import assign_splits
 
@@ -97,6 +100,7 @@ def load_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     adapter_name, root = resolve_name(name, root)
     adapter = dataset_class(adapter_name)
+    strict = paths.strict_images() if strict is None else bool(strict)
     full = adapter(root=root, image_size=image_size, strict=strict, **options)
     if marked_synthetic(full):
         full.is_synthetic = True

@@ -347,9 +347,11 @@ def attach_cache(dataset: CXRDataset, cache_dir=None, progress: bool = True) -> 
     Returns the dataset to use: the same one when every image was read; otherwise, unless
     ``dataset.strict``, a subset without the failed rows (with a warning that counts and names
     them). A strict dataset raises :class:`ImageFailuresError` naming the files instead.
+    The returned dataset's ``dropped_images`` maps each dropped image id to its reason.
     """
     cache = ImageCache.build(dataset, cache_dir=cache_dir, progress=progress)
     dataset.cache = cache
+    dataset.dropped_images = {}
     if not cache.failures:
         return dataset
     ids = dataset.records["image_id"].astype(str).to_numpy()
@@ -371,7 +373,9 @@ def attach_cache(dataset: CXRDataset, cache_dir=None, progress: bool = True) -> 
         f"{where}:\n" + _list_failures(failed, cache.failures, MAX_LISTED),
         stacklevel=2,
     )
-    return dataset.subset(np.flatnonzero(~failed_mask), split_name=dataset.split_name)
+    kept = dataset.subset(np.flatnonzero(~failed_mask), split_name=dataset.split_name)
+    kept.dropped_images = {image_id: cache.failures[image_id] for image_id in failed}
+    return kept
 
 
 __all__ = ["ImageCache", "ImageFailuresError", "attach_cache", "cache_paths", "cache_stem",
