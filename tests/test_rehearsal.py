@@ -231,3 +231,11 @@ def test_environment_keeps_every_cache_inside_the_folder(tmp_path):
     for key in ("CXRSTUDY_DATA_ROOT", "CXRSTUDY_CACHE_DIR", "HOME", "HF_HOME", "TORCH_HOME",
                 "XDG_CACHE_HOME"):
         assert env[key].startswith(str(tmp_path.resolve())), key
+
+
+def test_a_release_without_the_marker_is_not_synthetic(miniature, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(miniature / "CheXpert-v1.0-small", tmp_path / "CheXpert-v1.0-small")
+    (copy / SYNTHETIC_MARKER).unlink()
+    assert not load_dataset("chexpert", tmp_path, split="all", image_size=32).is_synthetic

@@ -18,6 +18,7 @@ from .scale import (PROFILE, RELEASE_SIZES, hf_hub_cache, override_arguments,
                     rehearsal_environment, scale_note)
 
 DONE = "rehearsal.json"  # written last: the data and weights are whole
+GENERATOR_VERSION = 2  # bump when the generators write other files: the next run rebuilds
 
 
 def prepare(folder: Path, log=print) -> Path:
@@ -27,14 +28,14 @@ def prepare(folder: Path, log=print) -> Path:
 
     folder = Path(folder).resolve()
     stamp = folder / DONE
-    wanted = {"sizes": RELEASE_SIZES, "version": 1}
+    wanted = {"sizes": RELEASE_SIZES, "version": GENERATOR_VERSION}
     if stamp.is_file() and json.loads(stamp.read_text()).get("prepared") == wanted:
         log(f"rehearsal data and weights: {folder} (already prepared)")
         return folder
     start = time.perf_counter()
-    for part in ("data", "home"):
+    for part in ("data", "home", "cache"):  # the cache too: it is keyed by ids, not pixels
         if (folder / part).exists():
-            shutil.rmtree(folder / part)  # only what an earlier, unfinished prepare wrote
+            shutil.rmtree(folder / part)  # only what an earlier prepare wrote
     data, env = folder / "data", rehearsal_environment(folder)
     log(f"writing miniature releases into {data}")
     write_nih(data, n_images=RELEASE_SIZES["nih"], progress=log)

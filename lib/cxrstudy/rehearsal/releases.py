@@ -36,7 +36,7 @@ from ..data import SYNTHETIC_MARKER
 from ..data.labels import (CHEXPERT_CLASSES, NIH_CLASSES, VINDR_GLOBAL_CLASSES,
                            VINDR_KAGGLE_CLASSES, VINDR_LOCAL_CLASSES, VINDR_NO_FINDING)
 from ..paths import DATASET_DIRS
-from .pixels import phantom, phantom_uint8, seed_for
+from .pixels import blocky_phantom, phantom_uint8, seed_for
 
 STAND_INS = "STAND_INS.md"
 NIH_ARCHIVE_SIZES = (4999,) + (10000,) * 10 + (7121,)  # images_001 … images_012, in id order
@@ -181,11 +181,11 @@ def write_nih(data_root, n_images: int = 300, per_class: int = 3, n_boxed: int =
     for position, image_id in enumerate(sorted(chosen)):
         target = folder / archives[image_id] / "images" / image_id
         target.parent.mkdir(parents=True, exist_ok=True)
-        pixels = phantom_uint8(NIH_IMAGE_SIZE, NIH_IMAGE_SIZE, image_id)
+        pixels = phantom_uint8(NIH_IMAGE_SIZE, NIH_IMAGE_SIZE, image_id, block=4)
         image = Image.fromarray(pixels, mode="L")
         if image_id in rgba:  # the release has a few RGBA PNGs among its greyscale ones
             image = image.convert("RGBA")
-        image.save(target)
+        image.save(target, compress_level=1)
         if progress and (position + 1) % 100 == 0:
             progress(f"  nih: {position + 1}/{len(chosen)} images")
     _marker(folder, "NIH ChestX-ray14")
@@ -345,8 +345,7 @@ def write_dicom(path: Path, image_id: str, height: int, width: int, bits: int = 
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    small = phantom(-(-height // block), -(-width // block), image_id, levels=1 << min(bits, 12))
-    small = np.kron(small, np.ones((block, block), dtype=np.float32))[:height, :width]
+    small = blocky_phantom(height, width, image_id, levels=1 << min(bits, 12), block=block)
     top = (1 << bits) - 1
     values = (1.0 - small) if monochrome1 else small
     pixels = np.round(values * top).astype(np.uint16)
