@@ -54,7 +54,8 @@ def hand_made(tmp_path):
     model = lambda o, aucs: {"overall": o, "per_class_auc": dict(zip(CLASSES, aucs)),  # noqa: E731
                              "params": 2_000_000}
     write_run(root, "01_baseline", {"dataset": "nih-sample", "image_size": 64, "models": {
-        "densenet121": model(overall(0.61, 0.58), [0.6, 0.7, None])}}, figures=["roc"])
+        "densenet121": model(overall(0.61, 0.58), [0.6, 0.7, None])},
+        "dropped_images": {"00000013_005.png": "cannot decode: truncated"}}, figures=["roc"])
     write_run(root, "03_knowledge_distillation", {
         "dataset": "nih-sample", "image_size": 64, "backbone": "efficientvit_m0", "models": {
             "baseline": model(overall(0.55, 0.52), [0.5, 0.6, 0.55]),
@@ -200,6 +201,14 @@ def test_paper_table_puts_ours_with_ci_beside_the_papers_number(hand_made):
     assert "Paper: CheXpert, 224 px, EfficientViT-M5" in md
     assert "02_mxa (missing: no results in this folder)" in md
     assert "machinery test" in md and "abstract" in md
+
+
+def test_the_runs_table_shows_the_images_each_notebook_dropped(hand_made):
+    root, expected = hand_made
+    build(root, expected)
+    runs = pd.read_csv(root / "08_report/tables/runs.csv", keep_default_na=False).set_index("notebook")
+    assert runs.loc["01_baseline", "dropped images"] == "1 (00000013_005.png)"
+    assert runs.loc["03_knowledge_distillation", "dropped images"] == ""  # not recorded there
 
 
 def test_a_per_class_paper_number_is_named_in_the_caption_not_printed_whole(hand_made):

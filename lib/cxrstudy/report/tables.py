@@ -298,8 +298,18 @@ def baseline_table(results: dict[str, NotebookResults], notebook: str = "01_base
                        {"macro AUC": ("macro low", "macro high"), "micro AUC": ("micro low", "micro high")})
 
 
+def _dropped(nb: NotebookResults) -> str:
+    """How many images the notebook left out as unreadable, and the first few ids."""
+    dropped = (nb.metrics or {}).get("dropped_images") or {}
+    if not dropped:
+        return "" if "dropped_images" not in (nb.metrics or {}) else "0"
+    names = ", ".join(list(dropped)[:3]) + (", ..." if len(dropped) > 3 else "")
+    return f"{len(dropped)} ({names})"
+
+
 def status_table(results: dict[str, NotebookResults]) -> pd.DataFrame:
-    """One row per notebook: status, wall time, device, commit, parameter hash."""
+    """One row per notebook: status, wall time, device, commit, parameter hash, and the images
+    it left out as unreadable (listed in its metrics.json)."""
     rows = []
     for nb in results.values():
         prov = nb.provenance
@@ -311,9 +321,10 @@ def status_table(results: dict[str, NotebookResults]) -> pd.DataFrame:
                      "device": device.get("device", "") + (f" ({', '.join(device['gpus'])})"
                                                             if device.get("gpus") else ""),
                      "git commit": commit, "params hash": prov.get("params_hash", ""),
+                     "dropped images": _dropped(nb),
                      "figures": len(nb.figures), "tables": len(nb.tables)})
     return pd.DataFrame(rows, columns=["notebook", "status", "wall time (s)", "device", "git commit",
-                                       "params hash", "figures", "tables"])
+                                       "params hash", "dropped images", "figures", "tables"])
 
 
 def study_tables(papers: dict[str, dict], results: dict[str, NotebookResults],
