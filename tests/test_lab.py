@@ -1,5 +1,6 @@
-"""`make lab` really serves JupyterLab on the study's notebooks (started on a free loopback port
-with a known token, checked through the REST API, stopped by its process group)."""
+"""`make lab` really serves JupyterLab on the study, its notebooks and the results they write
+(started on a free loopback port with a known token, checked through the REST API, stopped by
+its process group)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -116,7 +118,12 @@ def lab(tmp_path):
 def test_make_lab_serves_the_notebooks_and_stops_by_pid(lab):
     base_url, token, process, log_path = lab
 
+    # the repository root is served: the notebooks and the results they write, side by side
     status, body = get(f"{base_url}/api/contents/", token)
+    assert status == 200, body[:500]
+    top = {item["name"]: item["type"] for item in json.loads(body)["content"]}
+    assert top.get("notebooks") == "directory" and top.get("results") == "directory", sorted(top)
+    status, body = get(f"{base_url}/api/contents/notebooks", token)
     assert status == 200, body[:500]
     listed = {item["name"]: item["type"] for item in json.loads(body)["content"]}
     expected = sorted(p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -135,7 +142,12 @@ def test_make_lab_serves_the_notebooks_and_stops_by_pid(lab):
     assert config, "the lab page carries no jupyter-config-data"
     config = json.loads(config.group(1))
     assert config["appName"] == "JupyterLab"
-    assert Path(config["serverRoot"]).resolve() == (REPO / "notebooks").resolve()
+    assert Path(config["serverRoot"]).resolve() == REPO.resolve()
+    # the browser opens on the notebooks: the server's root URL redirects there
+    request = urllib.request.Request(f"{base_url}/")
+    request.add_header("Authorization", f"token {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert urllib.parse.urlparse(response.geturl()).path.rstrip("/") == "/lab/tree/notebooks"
 
     # Bound to loopback only, as the Makefile's LAB_IP default says.
     assert f"http://127.0.0.1:{base_url.rsplit(':', 1)[1]}/lab" in log_path.read_text(errors="replace")
