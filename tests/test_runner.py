@@ -116,3 +116,20 @@ def test_relative_data_root_is_made_absolute_for_kernels(study, tmp_path, monkey
 
     run(study, tmp_path, executor)
     assert seen and all(v == str(tmp_path.parent / "shared" / "data") for v in seen)
+
+
+def test_images_a_notebook_dropped_reach_the_terminal_and_its_provenance(study, tmp_path):
+    def dropping(spec, params, output_dir, **kwargs):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dropped = {"00000013_005.png": "cannot decode: truncated"} if spec.name == "01_train" else {}
+        (output_dir / "metrics.json").write_text(json.dumps({"dropped_images": dropped}))
+
+    nbs, params = study
+    lines = []
+    run_notebooks("all", "tiny", notebooks_dir=nbs, params_dir=params,
+                  results_dir=tmp_path / "results", executor=dropping, log=lines.append)
+    done = [line for line in lines if ": ok in " in line]
+    assert "images dropped as unreadable: 1 (00000013_005.png)" in done[1]
+    assert "dropped" not in done[0]  # 00_explore dropped nothing: nothing said
+    provenance = json.loads((tmp_path / "results/tiny/01_train/provenance.json").read_text())
+    assert provenance["dropped_images"] == {"00000013_005.png": "cannot decode: truncated"}

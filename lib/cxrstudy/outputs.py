@@ -40,6 +40,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     files.write_json_atomic(path, _jsonable(data), sort_keys=True)
 
 
+def dropped_summary(dropped: dict[str, str], shown: int = 3) -> str:
+    """``"2 (a.png, b.png)"`` for the images a run left out as unreadable; "" when none."""
+    if not dropped:
+        return ""
+    names = ", ".join(list(dropped)[:shown]) + (", ..." if len(dropped) > shown else "")
+    return f"{len(dropped)} ({names})"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency); pipes in cells are escaped."""
     def cell(v: Any) -> str:

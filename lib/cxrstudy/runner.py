@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import NotebookSpec, discover_notebooks, notebook_dependencies, resolve_parameters
-from .outputs import write_json_atomic
+from .outputs import dropped_summary, write_json_atomic
 from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
 from .schedule import Schedule, dependency_order
@@ -85,6 +85,23 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if (self.holder() or {}).get("pid") == self.owner["pid"]:
             self.path.unlink(missing_ok=True)
+
+
+def dropped_images_in(output_dir: Path) -> dict[str, str]:
+    """The images a notebook left out as unreadable (``dropped_images`` of its metrics.json)."""
+    try:
+        metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(metrics.get("dropped_images") or {}) if isinstance(metrics, dict) else {}
+
+
+def dropped_note(dropped: dict[str, str]) -> str:
+    """`` — images dropped as unreadable: 2 (a.png, b.png) …``, or "" when none was."""
+    if not dropped:
+        return ""
+    return (f" — images dropped as unreadable: {dropped_summary(dropped)} (all in metrics.json; "
+            f"CXRSTUDY_STRICT_IMAGES=1 makes this an error)")
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -273,6 +290,9 @@ class _StudyRun:
             entry = provenance_record(params, fp, status, seconds, error)
             if worker is not None:
                 entry["worker"] = worker.describe()
+            dropped = dropped_images_in(output_dir)
+            if dropped:
+                entry["dropped_images"] = dropped
             write_json_atomic(output_dir / PROVENANCE, entry)
 
         where = f"(profile {self.profile})" if worker is None else \
@@ -297,7 +317,8 @@ class _StudyRun:
                 status, error = "failed", describe_failure(exc)
             seconds = time.perf_counter() - start
             record(status, seconds, error)
-        self.log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error}" if error else ""))
+        self.log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error}" if error else "")
+                 + dropped_note(dropped_images_in(output_dir)))
         return NotebookResult(job.name, status, seconds, output_dir, error)
 
     def note(self, result: NotebookResult) -> NotebookResult:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..outputs import dropped_summary
 from .collect import NotebookResults
 from .reference import source_label
 
@@ -300,11 +301,9 @@ def baseline_table(results: dict[str, NotebookResults], notebook: str = "01_base
 
 def _dropped(nb: NotebookResults) -> str:
     """How many images the notebook left out as unreadable, and the first few ids."""
-    dropped = (nb.metrics or {}).get("dropped_images") or {}
-    if not dropped:
-        return "" if "dropped_images" not in (nb.metrics or {}) else "0"
-    names = ", ".join(list(dropped)[:3]) + (", ..." if len(dropped) > 3 else "")
-    return f"{len(dropped)} ({names})"
+    if "dropped_images" not in (nb.metrics or {}):
+        return ""  # not recorded (a notebook that loads no training data, or an older run)
+    return dropped_summary(nb.metrics["dropped_images"] or {}) or "0"
 
 
 def status_table(results: dict[str, NotebookResults]) -> pd.DataFrame:
