@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import RUN_REFERENCE
 from ..models import count_parameters, create_model
 from ..models.sigmoid_output import (NEGATIVE_FLOOR, POSITIVE_FLOOR, double_sigmoid_loss_floor)
 from ..report import reference
@@ -307,8 +308,6 @@ def paper_gain_sentence(parts: pd.DataFrame) -> str:
             f"{total:+.3f}, the comparison the paper reports as {paper_gain():+.2f}: {verdict}.")
 
 
-RUN_PREFIX = "run:"
-
 
 def sibling_run(spec: str, out, data) -> Path:
     """Checkpoint folder of ``run:<notebook>/<tag>`` beside this notebook's output folder.
@@ -316,7 +315,7 @@ def sibling_run(spec: str, out, data) -> Path:
     Refused when that notebook has not run, or when it trained on any image of our test split
     (its ``splits.csv`` is compared with ours), so a reused teacher never saw our test set.
     """
-    notebook, _, tag = spec[len(RUN_PREFIX):].partition("/")
+    notebook, _, tag = spec[len(RUN_REFERENCE):].partition("/")
     if not notebook or not tag:
         raise ValueError(f"teacher {spec!r}: write run:<notebook>/<model tag>, e.g. "
                          f"run:01_baseline/densenet121")
@@ -355,7 +354,7 @@ def prepare_teacher(teacher: str, data, out, *, teacher_model: str = "densenet12
     from ..metrics import summarize
     from ..train.teachers import load_teacher
 
-    if teacher.startswith(RUN_PREFIX):
+    if teacher.startswith(RUN_REFERENCE):
         teacher = str(sibling_run(teacher, out, data))
     if teacher == "own":
         run = train_and_evaluate(teacher_model, data, out, tag="teacher", n_boot=n_boot,
