@@ -63,7 +63,7 @@ lab: $(STAMP)
 	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) $(ARGS)
 
 data: $(STAMP)
-	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy data download $(DATASET) $(ARGS)
+	CXRSTUDY_DATA_ROOT="$${CXRSTUDY_DATA_ROOT:-$(DATA_ROOT_DEFAULT)}" $(VENV)/bin/cxrstudy data download $(DATASET) $(if $(filter chestmnist,$(DATASET)),--profile $(PROFILE)) $(ARGS)
 
 # Removes one profile's outputs, its archived earlier runs (_previous/) included.
 clean-results:

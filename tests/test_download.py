@@ -285,3 +285,29 @@ def test_target_dir_accepts_the_data_root_or_the_dataset_folder(tmp_path):
     assert dl.target_dir("nih", tmp_path) == tmp_path / "nih"
     assert dl.target_dir("nih", tmp_path / "nih") == tmp_path / "nih"
     assert dl.target_dir("chexpert", tmp_path) == tmp_path / "CheXpert-v1.0-small"
+
+
+def test_make_data_fetches_only_the_chestmnist_sizes_the_profile_reads(monkeypatch, capsys):
+    """The default profile reads ChestMNIST at 28, 64 and 128 px (04's students and teacher, 64
+    elsewhere), so `make data` (which passes --profile) never fetches the 224 px file."""
+    import argparse
+
+    from cxrstudy import cli
+    from cxrstudy.data import download as download_module
+
+    seen = {}
+    monkeypatch.setattr(download_module, "main_download",
+                        lambda args: seen.setdefault("sizes", args.sizes) and 0)
+    args = argparse.Namespace(name="chestmnist", root=None, sizes=None, profile="default",
+                              progress=False)
+    assert cli._cmd_data_download(args) == 0
+    assert seen["sizes"] == [28, 64, 128]
+    assert "28 px, 64 px, 128 px" in capsys.readouterr().out
+    # a profile that reads no ChestMNIST fetches nothing; explicit sizes win over the profile
+    assert cli._cmd_data_download(argparse.Namespace(name="chestmnist", root=None, sizes=None,
+                                                     profile="sample", progress=False)) == 0
+    assert "nothing to fetch" in capsys.readouterr().out
+    seen.clear()
+    cli._cmd_data_download(argparse.Namespace(name="chestmnist", root=None, sizes=[224],
+                                              profile="default", progress=False))
+    assert seen["sizes"] == [224]

@@ -24,6 +24,9 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--root", default=None, help="data root (default: $CXRSTUDY_DATA_ROOT)")
     parser.add_argument("--size", dest="sizes", type=int, action="append", default=None,
                         help="ChestMNIST size (28/64/128/224); repeat for several; default all")
+    parser.add_argument("--profile", default=None,
+                        help="ChestMNIST: only the sizes this profile's notebooks read "
+                             "(`make data` passes PROFILE)")
     parser.add_argument("--archive", dest="archives", action="append", default=None,
                         help="NIH archive name, e.g. images_001.tar.gz; repeat; default all 12")
     parser.add_argument("--keep-archives", action="store_true")

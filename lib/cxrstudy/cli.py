@@ -107,6 +107,18 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_download(args: argparse.Namespace) -> int:
     from .data.download import main_download
 
+    if args.name == "chestmnist" and getattr(args, "profile", None) and not args.sizes:
+        from .config import image_sizes, resolve_parameters
+        from .data.chestmnist import default_size
+
+        wanted = image_sizes(resolve_parameters(args.profile, []), "chestmnist")
+        args.sizes = sorted({default_size(size) for size in wanted}) or None
+        if args.sizes:
+            print(f"chestmnist: the sizes profile {args.profile} reads: "
+                  f"{', '.join(f'{s} px' for s in args.sizes)}")
+        else:
+            print(f"chestmnist: profile {args.profile} does not read ChestMNIST; nothing to fetch")
+            return 0
     return main_download(args)
 
 

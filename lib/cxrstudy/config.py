@@ -225,6 +225,24 @@ def resolve_parameters(
     return resolved
 
 
+#: Parameters that give an image resolution in pixels (one number or a list), in any notebook.
+IMAGE_SIZE_KEYS = ("image_size", "resolutions", "hybrid_resolutions", "teacher_image_size",
+                   "display_size")
+
+
+def image_sizes(resolved: dict[str, dict[str, Any]], dataset: str) -> set[int]:
+    """Every resolution the notebooks reading ``dataset`` ask for, in resolved parameters."""
+    sizes: set[int] = set()
+    for params in resolved.values():
+        if params.get("dataset") != dataset:
+            continue
+        for key in IMAGE_SIZE_KEYS:
+            value = params.get(key)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            sizes |= {int(v) for v in values if isinstance(v, (int, float)) and v}
+    return sizes
+
+
 #: A parameter value ``run:<notebook>/<tag>`` reuses what another notebook of the same profile
 #: wrote (03's ``teacher: run:01_baseline/densenet121``), so that notebook is an upstream one.
 RUN_REFERENCE = "run:"
