@@ -35,8 +35,9 @@ help:
 # The venv is (re)built when missing or when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "cxrstudy: installing the pinned stack into $(VENV) (about 2.5 minutes and 6 GB the first time; pip lists each package as it goes)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install -e .
 	@touch $@
 
 venv: $(STAMP)
