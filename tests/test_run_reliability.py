@@ -122,9 +122,11 @@ def test_out_of_range_values_are_refused_before_any_kernel(study, tmp_path, over
     assert calls == []
 
 
-def test_the_real_profiles_refuse_negative_epochs():
+def test_the_real_profiles_refuse_negative_epochs_and_no_processes():
     with pytest.raises(ConfigError, match="'epochs' must be at least 1, got -1"):
         resolve_parameters("tiny", ["epochs=-1"])
+    with pytest.raises(ConfigError, match="'num_processes' must be at least 1, got 0"):
+        resolve_parameters("tiny", ["num_processes=0"])
 
 
 def test_an_unknown_dataset_lists_the_known_ones(study, tmp_path):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cxrstudy.models import create_model, register_model
-from cxrstudy.train import (HISTORY_COLUMNS, TrainConfig, Trainer, launch_from_notebook,
-                            load_checkpoint, resolve_mixed_precision, seed_everything)
+from cxrstudy.train import (HISTORY_COLUMNS, TrainConfig, Trainer, launch, load_checkpoint,
+                            plan_launch, resolve_mixed_precision, seed_everything)
 from cxrstudy.train.trainer import warmup_cosine_factor
 
 SIZE, CLASSES = 16, 3
@@ -306,10 +306,10 @@ def test_any_sized_iterable_of_batch_dicts_trains():
         Trainer(new_model(), config(epochs=1)).fit(iter(batches))
 
 
-def test_notebook_launcher_runs_the_function_with_its_arguments():
+def test_launch_runs_the_function_with_its_arguments():
     calls = []
-    launch_from_notebook(lambda a, b: calls.append((a, b)), num_processes=1, args=(2, "x"))
-    assert calls == [(2, "x")]  # one process on a CPU machine: run in place
+    launch(lambda a, b: calls.append((a, b)), args=(2, "x"), plan=plan_launch(1))
+    assert calls == [(2, "x")]  # one process: run in place
 
 
 def test_config_is_checked_and_precision_resolved():

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 #: A key absent here (or a None value: "off", "all") is not range-checked.
 MINIMUM = {"epochs": 1, "teacher_epochs": 1, "warmup_epochs": 0, "batch_size": 1,
            "image_size": 1, "teacher_image_size": 1, "max_images": 1, "n_boot": 0, "seed": 0,
-           "lr": 0.0, "min_lr": 0.0}
+           "lr": 0.0, "min_lr": 0.0, "num_processes": 1}
 
 
 def check_range(key: str, value: Any, where: str) -> None:

@@ -12,10 +12,10 @@ from .can import CANTrainer
 from .losses import LOSSES, list_losses, make_loss, masked_bce, register_loss
 from . import imbalance_losses  # noqa: E402,F401  (registers focal, weighted_bce, asl, can_balance)
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
-from .trainer import (HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, launch_from_notebook,
-                      resolve_mixed_precision)
+from .launch import launch, plan_launch
+from .trainer import HISTORY_COLUMNS, Predictions, TrainConfig, Trainer, resolve_mixed_precision
 
-__all__ = ["Trainer", "TrainConfig", "Predictions", "launch_from_notebook",
+__all__ = ["Trainer", "TrainConfig", "Predictions", "launch", "plan_launch",
            "resolve_mixed_precision", "HISTORY_COLUMNS", "masked_bce", "make_loss",
            "register_loss", "list_losses", "LOSSES", "save_checkpoint", "load_checkpoint",
            "seed_everything", "capture_rng_state", "restore_rng_state", "DistillationTrainer",

@@ -156,16 +156,6 @@ def warmup_cosine_factor(total_steps: int, warmup_steps: int, min_ratio: float) 
     return factor
 
 
-def launch_from_notebook(function: Callable, num_processes: int | None = None, args=(),
-                         **launcher_options):
-    """Run ``function(*args)`` on ``num_processes`` GPUs from a notebook (Accelerate's
-    ``notebook_launcher``; build the model, loaders and :class:`Trainer` inside ``function``)."""
-    from accelerate import notebook_launcher
-
-    return notebook_launcher(function, args=tuple(args), num_processes=num_processes,
-                             **launcher_options)
-
-
 def _loader_generators(loader) -> list[torch.Generator]:
     """torch generators that decide a loader's order (resumed runs restore their states)."""
     found: list[torch.Generator] = []
@@ -665,5 +655,4 @@ class Trainer:
         return pd.DataFrame(self.history, columns=HISTORY_COLUMNS)
 
 
-__all__ = ["TrainConfig", "Trainer", "Predictions", "launch_from_notebook",
-           "resolve_mixed_precision", "warmup_cosine_factor", "HISTORY_COLUMNS"]
+__all__ = ["TrainConfig", "Trainer", "Predictions", "resolve_mixed_precision", "warmup_cosine_factor", "HISTORY_COLUMNS"]
