@@ -133,3 +133,18 @@ def test_images_a_notebook_dropped_reach_the_terminal_and_its_provenance(study, 
     assert "dropped" not in done[0]  # 00_explore dropped nothing: nothing said
     provenance = json.loads((tmp_path / "results/tiny/01_train/provenance.json").read_text())
     assert provenance["dropped_images"] == {"00000013_005.png": "cannot decode: truncated"}
+
+
+def test_kernels_ask_for_cuda_without_initialising_it(study, tmp_path, monkeypatch):
+    """A data-parallel arm forks after the notebook asked torch.cuda.is_available(): the runner
+    makes that check NVML-based so the fork can still use the GPUs."""
+    import os
+
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    seen = []
+
+    def executor(spec, params, output_dir, **kwargs):
+        seen.append(os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+
+    run(study, tmp_path, executor)
+    assert seen and set(seen) == {"1"}

@@ -130,6 +130,13 @@ def absolute_data_root() -> None:
         os.environ[DATA_ROOT_ENV] = os.path.abspath(value)
 
 
+def fork_safe_cuda_checks() -> None:
+    """Kernels ask ``torch.cuda.is_available()`` (pinned memory, a teacher's predictions) before
+    a data-parallel arm forks its processes; through NVML that question leaves CUDA untouched,
+    so the forked processes can still use the GPUs (PyTorch's documented switch)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -352,6 +359,7 @@ def run_notebooks(
     all_params = resolve_parameters(profile, overrides, notebooks, params_dir)  # fails before work
     dependencies = notebook_dependencies(notebooks, all_params)
     absolute_data_root()
+    fork_safe_cuda_checks()
     chosen = dependency_order(select(names, notebooks), dependencies)
     workers = make_workers(parse_devices(devices)) if devices is not None else None
     if check_data:
