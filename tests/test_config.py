@@ -130,8 +130,27 @@ def test_a_shared_key_means_one_thing_in_every_notebook_that_reads_it():
     shared = set()
     for profile in ("tiny", "sample", "default", "paper"):
         shared |= set(yaml.safe_load((REPO / "params" / f"{profile}.yaml").read_text())["shared"])
+    default = yaml.safe_load((REPO / "params" / "default.yaml").read_text())
     for key in sorted(shared):
-        defaults = {name: spec.defaults[key] for name, spec in specs.items() if key in spec.defaults}
+        # one default everywhere, except where the default profile says otherwise for a notebook
+        defaults = {name: spec.defaults[key] for name, spec in specs.items() if key in spec.defaults
+                    and key not in (default["notebooks"].get(name) or {})}
         assert len({json.dumps(v) for v in defaults.values()}) == 1, (key, defaults)
     assert "batch_size" not in specs["07_explainability"].defaults
     assert specs["07_explainability"].defaults["cam_batch_size"] == 16
+
+
+def test_each_notebook_opened_as_it_is_runs_the_default_profile():
+    """A student who presses "Run all" in JupyterLab gets the default profile: every notebook's
+    parameter defaults equal params/default.yaml resolved for it (and it writes to
+    results/default/<notebook>)."""
+    from conftest import REPO
+
+    specs = discover_notebooks(REPO / "notebooks")
+    resolved = resolve_parameters("default", [], specs, REPO / "params")
+    for name, spec in specs.items():
+        defaults = dict(spec.defaults)
+        assert defaults.pop("output_dir") == f"../results/default/{name}", name
+        drift = {k: (v, resolved[name][k]) for k, v in defaults.items()
+                 if v != resolved[name][k] or type(v) is not type(resolved[name][k])}
+        assert not drift, f"{name}: notebook default vs default profile: {drift}"
