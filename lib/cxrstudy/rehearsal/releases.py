@@ -136,7 +136,7 @@ def nih_archive(image_ids: list[str]) -> dict[str, str]:
     return folders
 
 
-def write_nih(data_root, n_images: int = 300, per_class: int = 3, n_boxed: int = 16,
+def write_nih(data_root, n_images: int = 120, per_class: int = 4, n_boxed: int = 8,
               n_rgba: int = 2, progress: Callable[[str], None] = print) -> Path:
     """ChestX-ray14 under ``data_root/nih``: the label and box files filtered to the chosen
     patients, the full-release split lists, ``images_NNN/images/<id>.png`` at 1024 px."""
@@ -221,7 +221,7 @@ def chexpert_valid_rows(table: pd.DataFrame, lines: list[str], exclude: set[str]
     return rows
 
 
-def write_chexpert(data_root, n_images: int = 300, per_class: int = 3, n_valid_patients: int = 40,
+def write_chexpert(data_root, n_images: int = 120, per_class: int = 4, n_valid_patients: int = 30,
                    progress: Callable[[str], None] = print) -> Path:
     """CheXpert-v1.0-small under ``data_root/CheXpert-v1.0-small``: train.csv (the chosen
     patients' rows), a stand-in valid.csv, ``train|valid/patientNNNNN/studyN/viewN_*.jpg``."""
@@ -276,7 +276,7 @@ def _vindr_marks(rows: pd.DataFrame) -> pd.DataFrame:
     return marks.reset_index()
 
 
-def write_vindr(data_root, n_images: int = 150, per_class: int = 2, test_share: int = 25,
+def write_vindr(data_root, n_images: int = 100, per_class: int = 2, test_share: int = 25,
                 progress: Callable[[str], None] = print) -> Path:
     """VinDr-CXR (PhysioNet) under ``data_root/vindr-cxr``: ``annotations/`` label and box files
     and ``train|test/<image_id>.dicom`` (MONOCHROME1 and 2, 12/14/16 bits stored)."""

@@ -24,17 +24,16 @@ TIMM_WEIGHTS = ("vit_small_patch16_224",)  # what params/paper.yaml loads from t
 TXV_WEIGHTS = ("densenet121-res224-chex",)  # what params/paper.yaml loads from xrv's cache
 
 
-def _random_like(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Every floating tensor redrawn (N(0, 0.02)), integer buffers kept: the real shapes and
-    dtypes, no trained values."""
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, value in state.items():
-        if value.is_floating_point():
-            out[key] = (torch.randn(value.shape, generator=generator) * 0.02).to(value.dtype)
-        else:
-            out[key] = value.clone()
-    return out
+def _seeded(build, seed: int):
+    """A model built by its own constructor under a fixed seed: random tensors of the real shapes
+    that are still valid weights (batch-norm variances positive, as a trained file's are; a
+    plain redraw of every tensor makes them negative and the teacher's outputs NaN)."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def write_timm_standin(timm_name: str, hf_cache, seed: int = 0) -> Path:
@@ -48,8 +47,9 @@ def write_timm_standin(timm_name: str, hf_cache, seed: int = 0) -> Path:
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f"timm has no Hugging Face hub weights for {timm_name!r}")
     repo = cfg.hf_hub_id.split("@")[0]
-    model = timm.create_model(timm_name, pretrained=False)  # the released shapes: 3 ch, 1000 cls
-    state = {k: v.contiguous() for k, v in _random_like(model.state_dict(), seed).items()}
+    # the released shapes: three input channels, timm's 1000 ImageNet classes
+    model = _seeded(lambda: timm.create_model(timm_name, pretrained=False), seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     folder = Path(hf_cache) / ("models--" + repo.replace("/", "--"))
     name = cfg.hf_hub_filename or "model.safetensors"
     blobs = folder / "blobs"
@@ -75,8 +75,7 @@ def write_txv_standin(weights: str, cache_dir, seed: int = 0) -> Path:
     import torchxrayvision as xrv
 
     entry = xrv.models.model_urls[weights]
-    model = xrv.models.DenseNet(num_classes=len(entry["labels"]))
-    model.load_state_dict(_random_like(model.state_dict(), seed))
+    model = _seeded(lambda: xrv.models.DenseNet(num_classes=len(entry["labels"])), seed)
     path = Path(cache_dir) / os.path.basename(entry["weights_url"])
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".incomplete")
