@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.labels import match_classes
+from ..outputs import Outputs
 from .cams import LABELS as CAM_LABELS
 from .cams import METHODS, class_maps
 from .discovery import TrainedModel
@@ -196,7 +197,7 @@ def localization_metrics(result: Explanations, table: pd.DataFrame) -> dict:
 
 
 
-def save_figures(out, result: Explanations, methods: Sequence[str]) -> list[str]:
+def save_figures(out: Outputs, result: Explanations, methods: Sequence[str]) -> list[str]:
     """Save one figure per CAM method (every model on the same images, true boxes in red) and
     one per kind of own evidence (Grad-CAM beside it); returns the figure names written."""
     from .. import plots

@@ -13,10 +13,14 @@ The arms separate them (:func:`comparisons` lists which pair isolates what):
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
+    from ..experiment import StudyData
+    from ..outputs import Outputs
 
 #: Arm → class loss, in the order the tables read: each network alone, the two together, the
 #: two cross-attending (every ``can_*`` arm is the same CAN, only the loss differs).
@@ -51,7 +55,7 @@ def ordered_arms(arms: Sequence[str]) -> list[str]:
     return [arm for arm in ARMS if arm in set(arms)]
 
 
-def arm_loss(arm: str, data, max_weight: float | None = 50.0):
+def arm_loss(arm: str, data: StudyData, max_weight: float | None = 50.0):
     """The arm's loss; class-weighted BCE takes its weights from the training prevalence."""
     from ..train import make_loss
 
@@ -64,7 +68,8 @@ def arm_loss(arm: str, data, max_weight: float | None = 50.0):
     return make_loss(name)
 
 
-def train_arm(arm: str, data, out, *, backbones: Sequence[str] = ("resnet18", "densenet121"),
+def train_arm(arm: str, data: StudyData, out: Outputs, *,
+              backbones: Sequence[str] = ("resnet18", "densenet121"),
               can_options: dict | None = None, branch_weight: float = 1.0,
               attention_weight: float = 0.1, attention_loss: str = "agree",
               max_weight: float | None = 50.0, **train_kwargs):

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
+    from ..experiment import RunResult, StudyData
+    from ..outputs import Outputs
 
 N_BLOCKS = 4  # blocks whose tokens GLoRI reads, and whose CLS tokens the probe reads
 ARMS = {"fine_tune": {}, "linear_probe": {"n_blocks": N_BLOCKS},
@@ -71,7 +75,7 @@ def arm_settings(arms: Sequence[str], decoder_norm: str = "post", loss="bce") ->
                           "loss": name} for arm in arms])
 
 
-def prevalence_buckets(data) -> pd.DataFrame:
+def prevalence_buckets(data: StudyData) -> pd.DataFrame:
     """Classes ranked by training prevalence and cut in thirds: head, medium, tail.
 
     The paper's long tail is 40 CXR-LT findings; our datasets have 14 classes, so the tail is
@@ -102,7 +106,7 @@ def bucket_table(runs: Mapping[str, object], buckets: pd.DataFrame) -> pd.DataFr
     return table.reindex(columns=list(BUCKETS)).reset_index()  # a bucket without AUCs stays
 
 
-def with_training_fraction(data, fraction: float, seed: int = 0):
+def with_training_fraction(data: StudyData, fraction: float, seed: int = 0):
     """``data`` with the training split cut to about ``fraction`` of its patients (whole patients,
     seeded); validation and test are left as they are, so every fraction is tested alike."""
     from ..experiment import subsample_patients
@@ -115,7 +119,7 @@ def with_training_fraction(data, fraction: float, seed: int = 0):
     return replace(data, train=data.train.subset(rows, "train"))
 
 
-def save_backbone(run, out, tag: str) -> Path:
+def save_backbone(run: RunResult, out: Outputs, tag: str) -> Path:
     """The fine-tuned backbone's weights, as a file ``create_model(pretrained=...)`` reads."""
     folder = Path(out.root) / "backbones"
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,7 +129,7 @@ def save_backbone(run, out, tag: str) -> Path:
     return path
 
 
-def train_arms(data, out, arms: Sequence[str], *, backbone: str = "deit_small",
+def train_arms(data: StudyData, out: Outputs, arms: Sequence[str], *, backbone: str = "deit_small",
                backbone_weights: str = "fine_tune", backbone_kwargs: dict | None = None,
                decoder_dim: int = 768, decoder_norm: str = "post", loss="bce", suffix: str = "",
                **train_kwargs) -> dict:
@@ -166,7 +170,7 @@ def train_arms(data, out, arms: Sequence[str], *, backbone: str = "deit_small",
     return {arm: runs[arm] for arm in arms}
 
 
-def label_efficiency(data, out, fractions: Sequence[float], arms: Sequence[str],
+def label_efficiency(data: StudyData, out: Outputs, fractions: Sequence[float], arms: Sequence[str],
                      full_runs: Mapping[str, object] | None = None, seed: int = 0,
                      **arm_kwargs) -> pd.DataFrame:
     """Macro AUC (95% CI) of ``arms`` trained on each fraction of the training patients.

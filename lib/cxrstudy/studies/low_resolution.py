@@ -14,7 +14,7 @@ the student's batch upsampled (``"upsampled_lr"``); each run records which in
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,10 @@ import pandas as pd
 from ..data.labels import canonical
 from ..models import patch_size_for
 from ..train.mlcak import DEFAULT_GAMMA
+
+if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
+    from ..experiment import StudyData
+    from ..outputs import Outputs
 
 ARMS = ("alone", "logit_kd", "mlcak")
 #: Findings that occupy a few pixels at 28 px, by each release's name (matched by
@@ -77,7 +81,8 @@ def token_grids(sizes: Iterable[int], grid: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def train_teacher(data, out, *, model: str = "deit_small_mt", grid: int = 14,
+def train_teacher(data: StudyData, out: Outputs, *, model: str = "deit_small_mt",
+                  grid: int = 14,
                   global_label: str = "no_finding", model_kwargs: dict | None = None,
                   **train_kwargs):
     """The two-task ViT teacher at the data's (highest) resolution, trained alone
@@ -96,7 +101,7 @@ def train_teacher(data, out, *, model: str = "deit_small_mt", grid: int = 14,
     return run
 
 
-def train_student(arm: str, data, out, *, teacher, teacher_data=None,
+def train_student(arm: str, data: StudyData, out: Outputs, *, teacher, teacher_data=None,
                   teacher_input: str = "high_res", global_label: str = "no_finding",
                   model: str = "deit_small_mt", grid: int = 14, alpha: float = 1.0,
                   beta: float = 1.0, gamma: float = DEFAULT_GAMMA, attention_levels: int = 3,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,10 @@ from ..config import RUN_REFERENCE
 from ..models import count_parameters, create_model
 from ..models.sigmoid_output import (NEGATIVE_FLOOR, POSITIVE_FLOOR, double_sigmoid_loss_floor)
 from ..report import reference
+
+if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
+    from ..experiment import RunResult, StudyData
+    from ..outputs import Outputs
 
 # The paper's numbers live in params/paper_reference.yaml, each with its source. They are read
 # when first asked for (report.reference caches the file), not when this module is imported:
@@ -203,7 +207,7 @@ def authors_parameter_counts() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def train_arm(arm: str, data, out, *, backbone: str = "efficientvit_m5",
+def train_arm(arm: str, data: StudyData, out: Outputs, *, backbone: str = "efficientvit_m5",
               teacher: torch.nn.Module | None = None, alpha: float = 0.5, tau: float = 1.0,
               kd_mode: str = "soft", mxa_options: dict | None = None, **train_kwargs):
     """Train and test one arm with :func:`cxrstudy.experiment.train_and_evaluate`.
@@ -243,7 +247,7 @@ def view_options(dataset: str, views: str) -> dict:
     return {"views": views} if dataset == "chexpert" else {}
 
 
-def authors_baseline_check(run, data) -> dict:
+def authors_baseline_check(run: RunResult, data: StudyData) -> dict:
     """The double sigmoid's loss floor on ``data``'s training labels beside what ``run`` reached.
 
     ``loss_floor`` is the mean per-entry floor (:func:`double_sigmoid_loss_floor`): no epoch's
@@ -309,7 +313,7 @@ def paper_gain_sentence(parts: pd.DataFrame) -> str:
 
 
 
-def sibling_run(spec: str, out, data) -> Path:
+def sibling_run(spec: str, out: Outputs, data: StudyData) -> Path:
     """Checkpoint folder of ``run:<notebook>/<tag>`` beside this notebook's output folder.
 
     Refused when that notebook has not run, or when it trained on any image of our test split
@@ -338,7 +342,7 @@ def sibling_run(spec: str, out, data) -> Path:
     return folder
 
 
-def prepare_teacher(teacher: str, data, out, *, teacher_model: str = "densenet121",
+def prepare_teacher(teacher: str, data: StudyData, out: Outputs, *, teacher_model: str = "densenet121",
                     n_boot: int = 1000, seed: int = 0, **train_kwargs):
     """The frozen teacher and its own test-set result.
 
