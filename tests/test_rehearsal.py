@@ -58,6 +58,11 @@ def test_nih_reads_back_with_official_lists_and_boxes(miniature):
     boxed = set(ds.boxes["image_id"])
     official = dict(zip(ds.records["image_id"], ds.records["official_split"]))
     assert all(official[i] == "test" for i in boxed)  # as in the release: boxes are test images
+    # every class has positives in both official parts, as in the release (06's class-balanced
+    # losses refuse a class without training positives)
+    for part in ("train", "test"):
+        rows = (ds.records["official_split"] == part).to_numpy()
+        assert (np.nansum(ds.labels[rows] == 1, axis=0) > 0).all(), part
     # lists cover the whole release (112,120 ids), each id in exactly one
     train = (miniature / "nih" / "train_val_list.txt").read_text().split()
     test = (miniature / "nih" / "test_list.txt").read_text().split()
@@ -201,7 +206,12 @@ def test_txv_standin_loads_through_xrv(tmp_path, monkeypatch):
     saved = torch.load(path, weights_only=False).state_dict()
     key = "classifier.weight"
     assert torch.equal(teacher.model.state_dict()[key], saved[key])
-    assert teacher(torch.rand(2, 1, 32, 32)).shape == (2, 14)
+    # valid weights, not just the right shapes: positive batch-norm variances, finite logits
+    # (a redraw of every tensor made variances negative and 03's teacher evaluation NaN)
+    variances = [v for k, v in saved.items() if k.endswith("running_var")]
+    assert variances and all((v > 0).all() for v in variances)
+    logits = teacher(torch.rand(2, 1, 32, 32))
+    assert logits.shape == (2, 14) and torch.isfinite(logits).all()
 
 
 # ---- scale ----------------------------------------------------------------------------------
