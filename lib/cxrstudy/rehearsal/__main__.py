@@ -56,7 +56,7 @@ def run(folder: Path, notebooks: list[str], extra: list[str], force: bool = Fals
     folder = Path(folder).resolve()
     command = [sys.executable, "-m", "cxrstudy.cli", "run", *notebooks, "--profile", PROFILE,
                "--results", str(folder / "results"), "--quiet"]
-    for value in override_arguments() + [f"08_report.profile_note={json.dumps(scale_note())}"]:
+    for value in override_arguments() + [f"08_report.profile_note={json.dumps(scale_note(), ensure_ascii=False)}"]:
         command += ["-p", value]
     for value in extra:
         command += ["-p", value]
