@@ -74,15 +74,8 @@ class CANTrainer(Trainer):
         return {"branch_weight": self.branch_weight, "attention_weight": self.attention_weight,
                 "attention_loss": self.attention_loss}
 
-    def _identity(self) -> dict:
-        identity = super()._identity()
-        identity["train_config"] = dict(identity["train_config"], can=self.can_settings())
-        return identity
-
-    def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
-        payload = super().state_payload(kind, epoch, train_loader)
-        payload["train_config"] = dict(payload["train_config"], can=self.can_settings())
-        return payload
+    def method_settings(self) -> dict[str, dict]:
+        return {"can": self.can_settings()}
 
     def training_step(self, batch: dict) -> torch.Tensor:
         images = batch["image"]

@@ -157,17 +157,8 @@ class DistillationTrainer(Trainer):
                 "teacher_mask": None if self.teacher_mask is None
                 else [float(v) for v in self.teacher_mask.cpu()]}
 
-    def _identity(self) -> dict:
-        identity = super()._identity()
-        identity["train_config"] = dict(identity["train_config"],
-                                        distillation=self.distillation_settings())
-        return identity
-
-    def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
-        payload = super().state_payload(kind, epoch, train_loader)
-        payload["train_config"] = dict(payload["train_config"],
-                                       distillation=self.distillation_settings())
-        return payload
+    def method_settings(self) -> dict[str, dict]:
+        return {"distillation": self.distillation_settings()}
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -417,15 +417,8 @@ class MLCAKTrainer(Trainer):
                 "align": self.align, "prefix": self.prefix, "findings": findings,
                 "global_label": self.global_label_rule}
 
-    def _identity(self) -> dict:
-        identity = super()._identity()
-        identity["train_config"] = dict(identity["train_config"], mlcak=self.mlcak_settings())
-        return identity
-
-    def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
-        payload = super().state_payload(kind, epoch, train_loader)
-        payload["train_config"] = dict(payload["train_config"], mlcak=self.mlcak_settings())
-        return payload
+    def method_settings(self) -> dict[str, dict]:
+        return {"mlcak": self.mlcak_settings()}
 
     def check_rows(self, dataset) -> None:
         """Refuse a training set whose rows are not those of ``teacher_data``/``global_label``

@@ -364,8 +364,14 @@ class Trainer:
     def checkpoint_dir(self) -> Path | None:
         return None if self.config.checkpoint_dir is None else Path(self.config.checkpoint_dir)
 
+    def method_settings(self) -> dict[str, dict]:
+        """What a subclass adds to the run's ``train_config`` (e.g. ``{"can": {...}}``): saved
+        in every checkpoint and compared when a run resumes."""
+        return {}
+
     def _identity(self) -> dict:
-        return {"model_config": self.model_config, "train_config": self.config.run_identity(),
+        return {"model_config": self.model_config,
+                "train_config": {**self.config.run_identity(), **self.method_settings()},
                 "class_names": self.class_names}
 
     def state_payload(self, kind: str, epoch: int, train_loader=None) -> dict:
@@ -385,7 +391,7 @@ class Trainer:
                         else None),
             "model_config": self.model_config,
             "class_names": self.class_names,
-            "train_config": self.config.to_dict(),
+            "train_config": {**self.config.to_dict(), **self.method_settings()},
             "best_val_macro_auc": float(self.best_val_macro_auc),
             "best_epoch": self.best_epoch,
             "epochs_without_improvement": int(self.epochs_without_improvement),
