@@ -256,9 +256,15 @@ def test_an_interrupted_notebook_stops_the_others_in_flight(study, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_ctrl_c_or_kill_records_interrupted_for_every_notebook_in_flight(study, tmp_path, signum):
     started, before = threading.Event(), signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        run(study, tmp_path, interruptible(started, lambda: os.kill(os.getpid(), signum)),
-            devices="cpu,cpu")
+    # a test run started in the background (nohup, &) inherits an ignored SIGINT: give this
+    # process Python's own Ctrl-C handler, as an interactive run has
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(study, tmp_path, interruptible(started, lambda: os.kill(os.getpid(), signum)),
+                devices="cpu,cpu")
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert_both_interrupted_and_unlocked(tmp_path)
     assert signal.getsignal(signal.SIGTERM) == before  # our SIGTERM handler is gone again
 
