@@ -141,20 +141,3 @@ def test_cache_of_another_size_is_refused(cached):
     cached.image_size = 32  # the attached cache holds 16 px images
     with pytest.raises(ValueError, match="16 px"):
         next(iter(BatchLoader(cached, batch_size=4)))
-
-
-def test_as_dataloader_gives_the_same_batches_for_engines_that_shard(tmp_path):
-    """Multi-GPU runs hand Accelerate this DataLoader; in order, it yields BatchLoader's batches."""
-    from cxrstudy.data import load_dataset
-
-    ds = load_dataset("synthetic", split="all", image_size=32, n_images=40, seed=0)
-    loader = BatchLoader(ds, batch_size=16, shuffle=False)
-    ours = list(loader)
-    theirs = list(loader.as_dataloader())
-    assert [len(b["index"]) for b in theirs] == [16, 16, 8]
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a["index"], b["index"])
-        assert torch.allclose(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
-    shuffled = BatchLoader(ds, batch_size=16, shuffle=True, seed=3).as_dataloader()
-    rows = torch.cat([b["index"] for b in shuffled])
-    assert sorted(rows.tolist()) == list(range(40)) and rows.tolist() != list(range(40))

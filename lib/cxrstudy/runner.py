@@ -23,7 +23,8 @@ from .outputs import dropped_summary, write_json_atomic
 from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
 from .schedule import Schedule, dependency_order
-from .workers import Worker, execute_in_process, make_workers, parse_devices
+from .workers import (THREAD_VARIABLES, Worker, execute_in_process, make_workers,
+                      parse_devices)
 
 PROVENANCE = "provenance.json"
 #: A run that stopped before it finished (killed, Ctrl-C, a failure) with the same fingerprint
@@ -137,7 +138,6 @@ def fork_safe_cuda_checks() -> None:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def set_threads(threads: int) -> None:

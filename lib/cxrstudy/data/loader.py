@@ -155,19 +155,6 @@ class BatchLoader:
         )
         return iter(loader)
 
-    def as_dataloader(self) -> torch.utils.data.DataLoader:
-        """The same batches as a torch DataLoader, for engines that shard DataLoaders.
-
-        Multi-process (multi-GPU) runs hand this to HF Accelerate, which splits it across
-        processes; items still come from the cache when one is attached (no image files read).
-        Shuffling is seeded by ``(seed, epoch)`` through the DataLoader's generator.
-        """
-        generator = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(self.epoch))
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
-            drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            collate_fn=collate_without_meta)
-
     def __repr__(self) -> str:
         path = "cached" if getattr(self.dataset, "cache", None) is not None else "dataloader"
         return (f"BatchLoader({self.dataset!r}, batch_size={self.batch_size}, "

@@ -62,8 +62,8 @@ class _CachedCollate:
 def split_ready_loader(loader) -> torch.utils.data.DataLoader:
     """A DataLoader yielding exactly ``loader``'s batches, epoch by epoch, for Accelerate to split.
 
-    Unlike ``BatchLoader.as_dataloader`` (torch's own shuffle), the order is the BatchLoader's,
-    so an N-process run visits the same global batches as a single-process run.
+    The order is the BatchLoader's (not torch's own shuffle), so an N-process run visits the
+    same global batches as a single-process run.
     """
     from cxrstudy.data.loader import collate_without_meta
 
