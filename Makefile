@@ -27,7 +27,7 @@ help:
 	@echo "make test      unit, data and tiny notebook tests (set CXRSTUDY_DATA_ROOT for the real-data ones)"
 	@echo "make rehearse  the paper profile, scaled down, on miniature releases with synthetic pixels and stand-in weights (CPU, offline) [REHEARSAL_DIR=results/rehearsal] [NOTEBOOKS=all]"
 	@echo "make lab       JupyterLab on notebooks/ with the study's kernel [LAB_IP=127.0.0.1] [LAB_PORT=8888]"
-	@echo "make data DATASET=chestmnist|nih|chexpert|vindr"
+	@echo "make data DATASET=chestmnist|nih-sample|nih|chexpert|vindr"
 	@echo "make clean-results PROFILE=...  remove results/<PROFILE> (earlier runs in _previous/ too)"
 	@echo "THREADS=N  CPU threads per notebook kernel (make reproduce THREADS=2)"
 	@echo "DEVICES=0,1,2,3  run notebooks that do not depend on each other at once, one per GPU (or cpu,cpu)"

@@ -66,3 +66,10 @@ def test_run_stops_before_any_notebook_when_data_is_missing(tmp_path, monkeypatc
                       results_dir=tmp_path / "results", log=lambda m: None,
                       executor=lambda *a, **k: started.append(a))
     assert started == [] and not (tmp_path / "results").exists()
+
+
+def test_a_missing_nih_sample_names_its_download(tmp_path):
+    with pytest.raises(DataUnavailableError) as info:
+        ensure_available("nih-sample", tmp_path, image_size=64, log=lambda m: None)
+    message = str(info.value)
+    assert "make data DATASET=nih-sample" in message and "CXRSTUDY_DATA_ROOT" in message

@@ -20,7 +20,8 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``cxrstudy data download``."""
-    parser.add_argument("name", help="chestmnist, nih, chexpert or vindr")
+    parser.add_argument("name", help="chestmnist, nih, nih-sample (the 618-image sample the tiny and sample "
+                             "profiles read), chexpert or vindr")
     parser.add_argument("--root", default=None, help="data root (default: $CXRSTUDY_DATA_ROOT)")
     parser.add_argument("--size", dest="sizes", type=int, action="append", default=None,
                         help="ChestMNIST size (28/64/128/224); repeat for several; default all")

@@ -62,7 +62,9 @@ def ensure_available(name: str, root=None, image_size: int = 224, download: bool
     steps = {
         "chestmnist": "make data DATASET=chestmnist",
         "nih": "make data DATASET=nih (about 45 GB)",
-        "nih-sample": f"point {DATA_ROOT_ENV} at the folder that holds nih-sample/",
+        "nih-sample": (f"point {DATA_ROOT_ENV} at the folder that holds nih-sample/, or build "
+                       f"it there from the NIH's archives: make data DATASET=nih-sample "
+                       f"(65 MB kept; the archives are streamed, not stored)"),
         "chexpert": "make data DATASET=chexpert (prints the registration steps)",
         "vindr": "make data DATASET=vindr (prints the credentialed-access steps)",
     }.get(name, f"cxrstudy data download {name}")

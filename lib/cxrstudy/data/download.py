@@ -6,6 +6,8 @@
 - ``nih``: the 12 ``images_NNN.tar.gz`` archives of ChestX-ray14 from the NIH Clinical Center's
   public Box links (the list in the NIH's ``batch_download_zips.py``), extracted into
   ``<root>/nih/images/``; the label files come from the copies bundled with torchxrayvision.
+- ``nih-sample``: the study's 618-image NIH sample, rebuilt by streaming the same archives
+  (:mod:`cxrstudy.data.nih_sample`; ~65 MB kept, each image checked against a manifest).
 - ``chexpert``, ``vindr``: need a registration/data use agreement; the steps are printed.
 
 Downloads are resumable (HTTP Range requests continue a ``.part`` file from the byte already on
@@ -443,10 +445,14 @@ def download(name: str, root=None, *, progress: bool = True, timeout: float = 30
         return False
     if name == "nih":
         folder = download_nih(root, progress=progress, timeout=timeout, **options)
+    elif name == "nih-sample":
+        from .nih_sample import download_nih_sample
+
+        folder = download_nih_sample(root, progress=progress, timeout=timeout, **options)
     elif name == "chestmnist":
         folder = download_chestmnist(root, progress=progress, timeout=timeout, **options)
     else:
-        raise ValueError(f"cannot download {name!r}; downloadable: chestmnist, nih "
+        raise ValueError(f"cannot download {name!r}; downloadable: chestmnist, nih, nih-sample "
                          f"(chexpert and vindr print registration steps)")
     print(f"{name}: data in place under {folder}")
     if name == "nih" and not (folder / "train_val_list.txt").exists():
