@@ -117,12 +117,14 @@ def training_curves(histories: Mapping[str, pd.DataFrame]) -> plt.Figure:
 
 def roc_curves(y_true: np.ndarray, scores: Mapping[str, np.ndarray], classes: Sequence[str],
                mask: np.ndarray | None = None, ncols: int = 5) -> plt.Figure:
-    """Per-class ROC curves, one panel per class, one line per model (known labels only)."""
-    from sklearn.metrics import roc_curve
+    """Per-class ROC curves, one panel per class, one line per model (known labels only); each
+    panel's legend gives every model's AUC, the outer panels the axis names."""
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     mask = np.ones_like(y_true, dtype=bool) if mask is None else np.asarray(mask).astype(bool)
+    ncols = max(1, min(ncols, len(classes)))
     nrows = int(np.ceil(len(classes) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
     for c, ax in enumerate(axes.flat):
         if c >= len(classes):
             ax.axis("off")
@@ -131,17 +133,20 @@ def roc_curves(y_true: np.ndarray, scores: Mapping[str, np.ndarray], classes: Se
         truth = y_true[known, c]
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
         if truth.min(initial=1) == truth.max(initial=0):
-            ax.text(0.5, 0.5, "one class only:\nAUC undefined", ha="center", va="center", fontsize=7)
+            ax.text(0.5, 0.5, "one class only:\nAUC undefined", ha="center", va="center", fontsize=8)
         else:
             for name, score in scores.items():
                 fpr, tpr, _ = roc_curve(truth, score[known, c])
-                ax.plot(fpr, tpr, linewidth=1, label=name)
-        ax.set_title(f"{classes[c]} (n+={int(truth.sum())})", fontsize=8)
-        ax.tick_params(labelsize=6)
-    handles, labels = next(((a.get_legend_handles_labels()) for a in axes.flat
-                            if a.get_legend_handles_labels()[0]), ([], []))
-    if handles:
-        fig.legend(handles, labels, loc="lower right", fontsize=7)
+                auc = roc_auc_score(truth, score[known, c])
+                ax.plot(fpr, tpr, linewidth=1, label=f"{name} ({auc:.2f})")
+            ax.legend(fontsize=6, loc="lower right", title="AUC", title_fontsize=6)
+        ax.set_title(f"{classes[c]} (n+={int(truth.sum())})", fontsize=9)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.tick_params(labelsize=7)
+        if c // ncols == nrows - 1 or c + ncols >= len(classes):
+            ax.set_xlabel("false positive rate", fontsize=8)
+        if c % ncols == 0:
+            ax.set_ylabel("true positive rate", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -242,48 +247,63 @@ def auc_vs_resolution(table: pd.DataFrame, value: str = "macro AUC", low: str = 
     return fig
 
 
-def map_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
-                 titles: Sequence[str] | None = None, alpha: float = 0.45,
-                 size: float = 2.0, boxes: Sequence[Sequence[Mapping]] | None = None
-                 ) -> plt.Figure:
-    """Rows: the images, then each named set of maps [N, h, w] in [0, 1] stretched over them;
-    ``boxes`` (per image, pixel units) are drawn on every panel of that image."""
+def _overlay_grid(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
+                  titles: Sequence[str] | None, alpha: float, size: float,
+                  boxes: Sequence[Sequence[Mapping]] | None, max_columns: int):
+    """The figure of :func:`map_overlays` and the axes holding each plain image."""
     n = len(images)
-    rows = 1 + len(maps)
-    fig, axes = plt.subplots(rows, n, figsize=(size * n, size * rows + 0.2), squeeze=False)
-    for k in range(n):
-        height, width = images[k].shape[:2]
-        axes[0, k].imshow(images[k], cmap="gray", vmin=0, vmax=255)
-        axes[0, k].set_title(titles[k] if titles is not None else "", fontsize=7)
-        for r, (name, stack) in enumerate(maps.items(), start=1):
-            axes[r, k].imshow(images[k], cmap="gray", vmin=0, vmax=255)
-            axes[r, k].imshow(stack[k], cmap="jet", alpha=alpha, vmin=0, vmax=1,
-                              extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-                              interpolation="bilinear")
-            if k == 0:
-                axes[r, k].set_ylabel(name, fontsize=7)
-        if boxes is not None:
-            for r in range(rows):
-                draw_boxes(axes[r, k], boxes[k], label=r == 0)
+    panels = 1 + len(maps)  # per image: the image, then one overlay per set of maps
+    ncols = max(1, min(panels, max_columns))
+    block = int(np.ceil(panels / ncols))  # grid rows per image
+    fig, axes = plt.subplots(max(n, 1) * block, ncols, figsize=(size * ncols, size * max(n, 1) * block + 0.2),
+                             squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_frame_on(False)
+    image_axes = []
+    for k in range(n):
+        height, width = images[k].shape[:2]
+        cells = [axes[k * block + j // ncols, j % ncols] for j in range(panels)]
+        cells[0].imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        cells[0].set_title(titles[k] if titles is not None else "", fontsize=7)
+        image_axes.append(cells[0])
+        for ax, (name, stack) in zip(cells[1:], maps.items()):
+            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+            ax.imshow(stack[k], cmap="jet", alpha=alpha, vmin=0, vmax=1,
+                      extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear")
+            ax.set_title(name, fontsize=7)
+        for j, ax in enumerate(cells):
+            ax.set_frame_on(True)
+            if boxes is not None:
+                draw_boxes(ax, boxes[k], label=j == 0)
     fig.tight_layout()
-    return fig
+    return fig, image_axes
+
+
+def map_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
+                 titles: Sequence[str] | None = None, alpha: float = 0.45,
+                 size: float = 2.0, boxes: Sequence[Sequence[Mapping]] | None = None,
+                 max_columns: int = 6) -> plt.Figure:
+    """Per image, the image and then each named set of maps [N, h, w] in [0, 1] stretched over
+    it (the set's name above its panel), wrapped after ``max_columns`` panels so that many
+    models make a grid rather than a long strip; ``boxes`` (per image, pixel units) are drawn
+    on every panel of that image."""
+    return _overlay_grid(images, maps, titles, alpha, size, boxes, max_columns)[0]
 
 
 def maps_with_predicted_boxes(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray],
                               titles: Sequence[str] | None = None,
                               boxes: Sequence[Sequence[Mapping]] | None = None,
                               predicted: Mapping[str, np.ndarray] | None = None,
-                              size: float = 2.0) -> plt.Figure:
-    """:func:`map_overlays` (rows: images, then each set of maps) with, on the image row, each
-    named set of predicted boxes ``predicted[name][k] = (x1, y1, x2, y2)`` in [0, 1] (dashed,
-    one colour per name; NaN rows are skipped), e.g. MXA's ROI boxes beside the CAMs."""
-    fig = map_overlays(images, maps, titles, size=size, boxes=boxes)
+                              size: float = 2.0, max_columns: int = 6) -> plt.Figure:
+    """:func:`map_overlays` with, on each plain image, each named set of predicted boxes
+    ``predicted[name][k] = (x1, y1, x2, y2)`` in [0, 1] (dashed, one colour per name; NaN rows
+    are skipped), e.g. MXA's ROI boxes beside the CAMs."""
+    fig, image_axes = _overlay_grid(images, maps, titles, 0.45, size, boxes, max_columns)
     predicted = dict(predicted or {})
     colours = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, max(len(predicted), 1)))
-    for k, ax in enumerate(fig.axes[:len(images)]):
+    for k, ax in enumerate(image_axes):
         height, width = images[k].shape[:2]
         for colour, (name, found) in zip(colours, predicted.items()):
             x1, y1, x2, y2 = (float(v) for v in found[k])
