@@ -478,3 +478,14 @@ def test_distilled_mxa_student_wraps_the_mxa_model_and_rebuilds_from_its_checkpo
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-6)
+
+
+def test_block_labels_count_stages_and_blocks_from_one():
+    from cxrstudy.models.mxa import block_label, mxa_blocks
+
+    assert block_label("stages.1.blocks.0.mixer.mxa") == "MXA, stage 2 block 1"
+    assert block_label("blocks.3.mxa") == "MXA, block 4"
+    assert block_label("mxa") == "mxa"
+    model = create_model("efficientvit_m0_mxa", num_classes=3, in_chans=1, image_size=64)
+    labels = [block_label(name) for name, _ in mxa_blocks(model)]
+    assert labels and all(label.startswith("MXA, stage ") for label in labels)

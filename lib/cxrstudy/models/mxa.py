@@ -74,6 +74,8 @@ parameters, so 12 203 954 are trained.
 """
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import numpy as np
@@ -400,6 +402,19 @@ def mxa_blocks(model: nn.Module) -> list[tuple[str, MXABlock]]:
     """``(qualified name, block)`` of every MXA block, in forward order."""
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, MXABlock)]
+
+
+def block_label(name: str) -> str:
+    """A reader's name for an MXA block's qualified module name, counting from 1 as the paper
+    does: ``"stages.1.blocks.0.mixer.mxa"`` → ``"MXA, stage 2 block 1"``; a name without a
+    stage/block index is returned as it is."""
+    stage = re.search(r"stages\.(\d+)", name)
+    block = re.search(r"blocks\.(\d+)", name)
+    if stage is None and block is None:
+        return name
+    where = [f"stage {int(stage.group(1)) + 1}" if stage else "",
+             f"block {int(block.group(1)) + 1}" if block else ""]
+    return "MXA, " + " ".join(part for part in where if part)
 
 
 def last_boxes(model: nn.Module) -> dict[str, torch.Tensor]:
