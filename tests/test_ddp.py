@@ -29,8 +29,8 @@ from cxrstudy.train.launch import LaunchPlan, launch, plan_launch
 from cxrstudy.train.sharding import split_ready_loader
 
 SIZE, IMAGES, BATCH = 16, 100, 14  # synthetic splits: 70 train, 10 validation, 20 test
-ARM = dict(epochs=2, batch_size=BATCH, lr=0.01, augment=False, n_boot=20, progress=False,
-           cpu=True, seed=3)
+ARM = dict(n_boot=20, progress=False, cpu=True, seed=3)
+RECIPE = dict(epochs=2, batch_size=BATCH, lr=0.01, augment=False)
 
 
 class PlainCNN(nn.Module):
@@ -56,13 +56,14 @@ def _train_on_two_then_one(root: str) -> None:
     any Accelerator exists in this process, as in a fresh kernel)."""
     from cxrstudy.experiment import prepare_data, run_metrics, train_and_evaluate
     from cxrstudy.outputs import Outputs
+    from cxrstudy.train import Schedule
 
     data = prepare_data("synthetic", image_size=SIZE, seed=0, n_images=IMAGES, progress=False)
     assert (len(data.train), len(data.val), len(data.test)) == (70, 10, 20)
     for processes in (2, 1):
         out = Outputs(Path(root) / f"{processes}_processes")
-        run = train_and_evaluate("test_ddp_cnn", data, out, tag="arm", num_processes=processes,
-                                 **ARM)
+        schedule = Schedule(num_processes=processes, **RECIPE)
+        run = train_and_evaluate("test_ddp_cnn", data, out, schedule, tag="arm", **ARM)
         out.save_metrics(runs=run_metrics({"arm": run}))
         (out.root / "model_device.txt").write_text(str(next(run.model.parameters()).device))
 

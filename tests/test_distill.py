@@ -10,7 +10,7 @@ from torch import nn
 from cxrstudy.models import create_model
 from cxrstudy.models.distill import (DistilledClassifier, DistilledOutput, add_distillation_head,
                                      is_distilled)
-from cxrstudy.train import TrainConfig, load_checkpoint, masked_bce, seed_everything
+from cxrstudy.train import Schedule, TrainConfig, load_checkpoint, masked_bce, seed_everything
 from cxrstudy.train.distillation import DistillationTrainer, distillation_bce, kd_loss
 from _fakes import labelled_batches
 
@@ -360,8 +360,8 @@ def test_train_and_evaluate_runs_a_distilled_student(tmp_path):
     student = add_distillation_head(TinyTimmLike(num_classes=len(data.classes)))
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, len(data.classes)))
     teacher_before = _state_copy(teacher)
-    run = train_and_evaluate(student, data, out, tag="kd", epochs=1, batch_size=16, n_boot=10,
-                             augment=False, trainer_cls=DistillationTrainer, progress=False,
+    run = train_and_evaluate(student, data, out, Schedule(epochs=1, batch_size=16, augment=False),
+                             tag="kd", n_boot=10, trainer_cls=DistillationTrainer, progress=False,
                              trainer_kwargs={"teacher": teacher, "alpha": 0.5, "tau": 2.0})
     assert run.probs.shape == (len(data.test), len(data.classes))
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())

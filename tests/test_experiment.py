@@ -9,6 +9,7 @@ from cxrstudy.data import load_dataset
 from cxrstudy.experiment import (best_run_sentence, prepare_data, run_metrics, subsample_patients,
                                  train_and_evaluate)
 from cxrstudy.outputs import Outputs
+from cxrstudy.train import Schedule
 
 
 def test_subsample_keeps_whole_patients_and_the_split_ratio():
@@ -36,8 +37,8 @@ def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
     splits = pd.read_csv(tmp_path / "run/splits.csv")
     assert len(splits) == len(data.train) + len(data.val) + len(data.test)
     assert splits.groupby("patient_id")["split"].nunique().max() == 1
-    run = train_and_evaluate("resnet18", data, out, epochs=2, batch_size=32, n_boot=50, seed=0,
-                             progress=False)
+    run = train_and_evaluate("resnet18", data, out, Schedule(epochs=2, batch_size=32), n_boot=50,
+                             seed=0, progress=False)
     assert list(run.history["epoch"]) == [1, 2]
     assert run.probs.shape == (len(data.test), len(data.classes))
     assert 0.0 <= run.overall["macro_auc"] <= 1.0
@@ -57,10 +58,10 @@ def test_augmentation_options_and_min_lr_reach_the_trainer(tmp_path):
     data = prepare_data("synthetic", None, 32, seed=0, max_images=96, progress=False,
                         n_images=120, n_patients=60)
     with pytest.raises(ValueError, match="unknown augmentation keys"):
-        train_and_evaluate("resnet18", data, out, epochs=1, augment={"elastc_p": 0.6},
-                           progress=False)
-    run = train_and_evaluate("resnet18", data, out, tag="recipe", epochs=1, batch_size=32,
-                             n_boot=20, min_lr=1e-5, augment={"elastic_p": 0.6, "blur_p": 0.4},
+        Schedule(epochs=1, augment_options={"elastc_p": 0.6})
+    recipe = Schedule(epochs=1, batch_size=32, min_lr=1e-5,
+                      augment_options={"elastic_p": 0.6, "blur_p": 0.4})
+    run = train_and_evaluate("resnet18", data, out, recipe, tag="recipe", n_boot=20,
                              progress=False)
     payload = load_checkpoint(run.checkpoint_dir / "best.pt")
     assert payload["train_config"]["min_lr"] == 1e-5

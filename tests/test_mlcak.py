@@ -19,7 +19,7 @@ from cxrstudy.models.attention_maps import (AttentionRecorder, TokenLayout, alig
                                             token_layout)
 from cxrstudy.models.multitask import (MultiTaskClassifier, MultiTaskOutput, add_global_head,
                                        is_multitask)
-from cxrstudy.train import TrainConfig, Trainer, load_checkpoint, seed_everything
+from cxrstudy.train import Schedule, TrainConfig, Trainer, load_checkpoint, seed_everything
 from cxrstudy.train.losses import masked_bce
 from cxrstudy.train.mlcak import (GlobalLabels, MLCAKTrainer, dataset_global_labels,
                                   default_layer_pairs, finding_columns, global_labels,
@@ -579,8 +579,8 @@ def test_train_and_evaluate_runs_the_mlcak_arm_with_the_high_res_teacher(tmp_pat
     seed_everything(0)
     teacher = create_model("deit_tiny_mt", len(data.classes), image_size=32, patch_size=4, **TINY)
     seen = _inputs_of(teacher)
-    common = dict(epochs=1, batch_size=16, n_boot=5, augment=True, progress=False,
-                  model_kwargs=dict(patch_size=2, **TINY), trainer_cls=MLCAKTrainer)
+    common = dict(schedule=Schedule(epochs=1, batch_size=16, augment=True), n_boot=5,
+                  progress=False, model_kwargs=dict(patch_size=2, **TINY), trainer_cls=MLCAKTrainer)
     run = train_and_evaluate("deit_tiny_mt", data, Outputs(tmp_path / "mlcak"), tag="mlcak",
                              trainer_kwargs={"teacher": teacher, "gamma": 10.0,
                                              "teacher_data": two_sizes[32].train}, **common)

@@ -121,18 +121,21 @@ def test_can_arms_take_their_losses_and_weights_from_the_training_prevalence():
 
 def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attending(monkeypatch):
     import cxrstudy.experiment
+    from cxrstudy.train import Schedule
     from cxrstudy.train.can import CANTrainer
 
     calls = {}
 
-    def record(model, data, out, **kwargs):
+    def record(model, data, out, schedule, **kwargs):
         calls[kwargs["tag"]] = (model, kwargs)
+        assert schedule.epochs == 1  # every arm trains on the schedule it was given
 
     monkeypatch.setattr(cxrstudy.experiment, "train_and_evaluate", record)
     data = _data([[1, 0], [0, 1]], ["A", "B"])
     for arm in ("single", "single_second", "ensemble", "can_bce"):
-        can_study.train_arm(arm, data, None, backbones=("resnet18", "efficientvit_m0"),
-                            can_options={"attention": "channel"}, branch_weight=0.5, epochs=1)
+        can_study.train_arm(arm, data, None, Schedule(epochs=1),
+                            backbones=("resnet18", "efficientvit_m0"),
+                            can_options={"attention": "channel"}, branch_weight=0.5)
     assert calls["single"][0] == "resnet18" and "trainer_cls" not in calls["single"][1]
     assert calls["single_second"][0] == "efficientvit_m0"
     model, ensemble = calls["ensemble"]

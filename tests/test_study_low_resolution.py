@@ -12,6 +12,7 @@ import torch
 from cxrstudy.models import create_model
 from cxrstudy.models.attention_maps import cls_attention, minmax_per_image
 from cxrstudy.studies import low_resolution as study
+from cxrstudy.train import Schedule
 
 
 @pytest.mark.parametrize("size, grid, patch", [(224, 14, 16), (112, 14, 8), (56, 14, 4),
@@ -129,8 +130,8 @@ def test_arms_record_the_teacher_input_and_global_label(tmp_path):
     data = study.prepare_resolutions("synthetic", None, [16, 32], seed=0, max_images=40,
                                      progress=False, n_images=40, n_patients=20)
     out = Outputs(tmp_path / "04")
-    common = dict(model="deit_tiny_mt", grid=4, epochs=1, batch_size=16, n_boot=5,
-                  progress=False, model_kwargs=dict(embed_dim=32, depth=2, num_heads=2))
+    common = dict(schedule=Schedule(epochs=1, batch_size=16), model="deit_tiny_mt", grid=4,
+                  n_boot=5, progress=False, model_kwargs=dict(embed_dim=32, depth=2, num_heads=2))
     teacher = study.train_teacher(data[32], out, **common)
     runs = {("teacher", 32): teacher}
     for arm, teacher_input in (("alone", "high_res"), ("logit_kd", "upsampled_lr"),

@@ -30,7 +30,14 @@ class ConfigError(ValueError):
 #: A key absent here (or a None value: "off", "all") is not range-checked.
 MINIMUM = {"epochs": 1, "teacher_epochs": 1, "warmup_epochs": 0, "batch_size": 1,
            "image_size": 1, "teacher_image_size": 1, "max_images": 1, "n_boot": 0, "seed": 0,
-           "lr": 0.0, "min_lr": 0.0, "num_processes": 1}
+           "lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "num_processes": 1, "num_workers": 0,
+           "early_stopping_patience": 1}
+
+#: Parameters that are off when None (the training schedule's one spelling of "off", see
+#: :mod:`cxrstudy.train.config`) and numbers of this type when set. A None default alone would
+#: accept anything, so ``-p ema_decay=high``, or ``ema_decay: 0`` in a profile meaning "off", is
+#: refused here, before any notebook starts.
+OPTIONAL_NUMBERS = {"ema_decay": float, "early_stopping_patience": int, "grad_clip": float}
 
 
 def check_range(key: str, value: Any, where: str) -> None:
@@ -103,6 +110,14 @@ def _type_name(value: Any) -> str:
 
 def check_type(key: str, value: Any, default: Any, where: str) -> Any:
     """Accept ``value`` for a parameter whose default is ``default``; int→float widens."""
+    if key in OPTIONAL_NUMBERS and value is not None:
+        kind = OPTIONAL_NUMBERS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ConfigError(f"{where}: {key!r} must be {kind.__name__} or null (off), "
+                              f"got {_type_name(value)} {value!r}")
+        if value == 0:
+            raise ConfigError(f"{where}: {key!r} is turned off with null (None), not 0")
+        return kind(value)
     if default is None or value is None:
         return value  # a None default declares an optional value of any type
     if isinstance(default, bool) or isinstance(value, bool):

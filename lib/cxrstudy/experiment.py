@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ from .outputs import Outputs
 
 
 @dataclass
+if TYPE_CHECKING:  # the schedule's type (train is imported when a model trains)
+    from .train import Schedule
+
 class StudyData:
     """Patient-level train/val/test splits of one dataset at one image size."""
 
@@ -154,6 +157,11 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+    ``schedule`` (:class:`cxrstudy.train.Schedule`, its defaults when None) says how: epochs,
+    batch size, learning rate, ..., augmentation, and how many processes. ``seed`` seeds the
+    model's initialisation, the data order, the augmentation and the bootstrap of ``n_boot``
+    resamples.
+
 def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int = 0):
     from .data.loader import BatchLoader
 
@@ -166,17 +174,13 @@ def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int =
     return train, val, test
 
 
-def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outputs, *,
-                       tag: str | None = None, epochs: int = 1, batch_size: int = 32,
-                       lr: float = 1e-3, weight_decay: float = 0.025, warmup_epochs: int = 0,
-                       min_lr: float = 1e-6,
-                       ema_decay: float = 0.0, early_stopping_patience: int = 0,
-                       grad_clip: float = 1.0, augment: bool | dict = True, n_boot: int = 1000,
-                       seed: int = 0, pretrained: bool = False, num_workers: int = 0,
+def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outputs,
+                       schedule: Schedule | None = None, *, tag: str | None = None,
+                       seed: int = 0, n_boot: int = 1000, pretrained: bool = False,
                        loss: str | Any = "bce", trainer_cls=None, trainer_kwargs: dict | None = None,
                        model_kwargs: dict | None = None, progress: bool = True,
-                       channels_last: bool = True, compile: bool = False, num_processes: int = 1,
-                       accelerate_config: str | None = None, cpu: bool = False) -> RunResult:
+                       channels_last: bool = True, compile: bool = False,
+                       cpu: bool = False) -> RunResult:
     """Train ``model`` (a registry name or a built module) on ``data`` and evaluate on its test split.
 
     Checkpoints go to ``<output_dir>/checkpoints/<tag>/`` (resumed when a same-config run was
@@ -185,18 +189,19 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     ``channels_last`` (CUDA only) and ``compile`` change speed, not results; ``cpu`` keeps the
     run on the CPU where a GPU exists.
 
-    ``num_processes`` > 1, or an Accelerate config file naming several machines
-    (``accelerate_config``), trains data-parallel (DDP): that many processes are forked from this
-    one (:mod:`cxrstudy.train.launch`), each takes a slice of every global batch of
+    The schedule's ``num_processes`` > 1, or an Accelerate config file naming several machines
+    (its ``accelerate_config``), trains data-parallel (DDP): that many processes are forked from
+    this one (:mod:`cxrstudy.train.launch`), each takes a slice of every global batch of
     ``batch_size``, and the test predictions are gathered from all of them. This process then
     holds the trained weights on the CPU and writes the same files as a one-process run; it must
     not have used CUDA before (a forked process cannot inherit a CUDA context).
     """
     from .models import create_model
-    from .train import seed_everything
+    from .train import Schedule, seed_everything
     from .train.launch import plan_launch
 
-    plan = plan_launch(num_processes, accelerate_config)
+    schedule = Schedule() if schedule is None else schedule
+    plan = plan_launch(schedule.num_processes, schedule.accelerate_config)
     seed_everything(seed)
     if isinstance(model, str):
         model_name = model
@@ -208,29 +213,20 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     checkpoint_dir = out.root / "checkpoints" / tag
 
     def build_trainer():
-        from .data.augment import BatchAugment, from_config
-        from .train import TrainConfig, Trainer, make_loss
+        from .train import Trainer, make_loss
 
-        config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay,
-                             warmup_epochs=warmup_epochs, min_lr=min_lr,
-                             ema_decay=ema_decay or None,
-                             early_stopping_patience=early_stopping_patience or None,
-                             grad_clip=grad_clip, seed=seed, checkpoint_dir=str(checkpoint_dir),
-                             resume=True, progress=progress, channels_last=channels_last,
-                             compile=compile, cpu=cpu)
-        if augment is True:
-            augmenter = BatchAugment(seed=seed)
-        elif isinstance(augment, dict):
-            augmenter = from_config(dict(augment, seed=seed))
-        else:
-            augmenter = None
+        config = schedule.train_config(seed=seed, checkpoint_dir=str(checkpoint_dir), resume=True,
+                                       progress=progress, channels_last=channels_last,
+                                       compile=compile, cpu=cpu)
         loss_fn = make_loss(loss) if isinstance(loss, str) else loss
-        return (trainer_cls or Trainer)(model, config, loss_fn=loss_fn, augment=augmenter,
+        return (trainer_cls or Trainer)(model, config, loss_fn=loss_fn,
+                                        augment=schedule.augmenter(seed),
                                         class_names=data.classes, **(trainer_kwargs or {}))
 
     def fit_and_predict() -> tuple[Any, dict[str, Any]]:
         trainer = build_trainer()
-        train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed, num_workers)
+        train_loader, val_loader, test_loader = make_loaders(data, schedule.batch_size, seed,
+                                                             schedule.num_workers)
         start = time.perf_counter()
         history = trainer.fit(train_loader, val_loader)
         train_seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ import pandas as pd
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
     from ..experiment import StudyData
     from ..outputs import Outputs
+    from ..train import Schedule
 
 #: Arm → class loss, in the order the tables read: each network alone, the two together, the
 #: two cross-attending (every ``can_*`` arm is the same CAN, only the loss differs).
@@ -68,12 +69,12 @@ def arm_loss(arm: str, data: StudyData, max_weight: float | None = 50.0):
     return make_loss(name)
 
 
-def train_arm(arm: str, data: StudyData, out: Outputs, *,
+def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
               backbones: Sequence[str] = ("resnet18", "densenet121"),
               can_options: dict | None = None, branch_weight: float = 1.0,
               attention_weight: float = 0.1, attention_loss: str = "agree",
               max_weight: float | None = 50.0, **train_kwargs):
-    """Train and test one arm with :func:`cxrstudy.experiment.train_and_evaluate`.
+    """Train and test one arm with :func:`cxrstudy.experiment.train_and_evaluate` on ``schedule``.
 
     ``single``/``single_second``: ``backbones[0]``/``backbones[1]`` alone (plain trainer);
     ``ensemble``: ``"logit_ensemble"`` over both, and every ``can_*`` arm ``"can"``, both with
@@ -85,10 +86,11 @@ def train_arm(arm: str, data: StudyData, out: Outputs, *,
     loss = arm_loss(arm, data, max_weight)
     if arm in ("single", "single_second"):
         network = backbones[0 if arm == "single" else 1]
-        return train_and_evaluate(network, data, out, tag=arm, loss=loss, **train_kwargs)
+        return train_and_evaluate(network, data, out, schedule, tag=arm, loss=loss,
+                                  **train_kwargs)
     ensemble = arm == "ensemble"
     return train_and_evaluate(
-        "logit_ensemble" if ensemble else "can", data, out, tag=arm, loss=loss,
+        "logit_ensemble" if ensemble else "can", data, out, schedule, tag=arm, loss=loss,
         model_kwargs=dict({} if ensemble else (can_options or {}), backbones=tuple(backbones)),
         trainer_cls=CANTrainer, trainer_kwargs=dict(branch_weight=branch_weight,
                                                     attention_weight=attention_weight,

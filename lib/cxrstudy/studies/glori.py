@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, whe
     from ..outputs import Outputs
 
 N_BLOCKS = 4  # blocks whose tokens GLoRI reads, and whose CLS tokens the probe reads
+    from ..train import Schedule
 ARMS = {"fine_tune": {}, "linear_probe": {"n_blocks": N_BLOCKS},
         "linear_probe_last": {"n_blocks": None}, "glori": {"use_cls": False},
         "glori_cls": {"use_cls": True}}
@@ -129,13 +130,14 @@ def save_backbone(run: RunResult, out: Outputs, tag: str) -> Path:
     return path
 
 
-def train_arms(data: StudyData, out: Outputs, arms: Sequence[str], *, backbone: str = "deit_small",
+def train_arms(data: StudyData, out: Outputs, arms: Sequence[str],
+               schedule: Schedule | None = None, *, backbone: str = "deit_small",
                backbone_weights: str = "fine_tune", backbone_kwargs: dict | None = None,
                decoder_dim: int = 768, decoder_norm: str = "post", loss="bce", suffix: str = "",
                **train_kwargs) -> dict:
     """Train ``arms`` (see module docstring) on ``data``; ``fine_tune`` first when the frozen
     arms read its backbone. ``decoder_norm`` ("post", the official layer, or "pre") goes to the
-    GLoRI arms, ``loss`` (:func:`glori_loss`) to every arm. Returns arm →
+    GLoRI arms, ``loss`` (:func:`glori_loss`) and ``schedule`` to every arm. Returns arm →
     :class:`cxrstudy.experiment.RunResult`."""
     from ..experiment import train_and_evaluate
     from ..models.glori import DECODER_NORMS
@@ -154,7 +156,8 @@ def train_arms(data: StudyData, out: Outputs, arms: Sequence[str], *, backbone: 
     runs = {}
     frozen_arms = [a for a in arms if a != "fine_tune"]
     if "fine_tune" in arms or (frozen_arms and backbone_weights == "fine_tune"):
-        runs["fine_tune"] = train_and_evaluate(backbone, data, out, tag=f"fine_tune{suffix}",
+        runs["fine_tune"] = train_and_evaluate(backbone, data, out, schedule,
+                                               tag=f"fine_tune{suffix}",
                                                pretrained=pretrained, model_kwargs=extra,
                                                **train_kwargs)
     weights: bool | str = pretrained
@@ -165,14 +168,15 @@ def train_arms(data: StudyData, out: Outputs, arms: Sequence[str], *, backbone: 
         kwargs = dict(extra, backbone=backbone, **ARMS[arm])
         if name == "glori":
             kwargs.update(decoder_dim=decoder_dim, decoder_norm=decoder_norm, n_blocks=N_BLOCKS)
-        runs[arm] = train_and_evaluate(name, data, out, tag=f"{arm}{suffix}", pretrained=weights,
-                                       model_kwargs=kwargs, **train_kwargs)
+        runs[arm] = train_and_evaluate(name, data, out, schedule, tag=f"{arm}{suffix}",
+                                       pretrained=weights, model_kwargs=kwargs, **train_kwargs)
     return {arm: runs[arm] for arm in arms}
 
 
 def label_efficiency(data: StudyData, out: Outputs, fractions: Sequence[float], arms: Sequence[str],
                      full_runs: Mapping[str, object] | None = None, seed: int = 0,
                      **arm_kwargs) -> pd.DataFrame:
+                     schedule: Schedule | None = None, *,
     """Macro AUC (95% CI) of ``arms`` trained on each fraction of the training patients.
 
     At each fraction the frozen arms sit on a backbone fine-tuned on that same fraction (with
@@ -186,7 +190,8 @@ def label_efficiency(data: StudyData, out: Outputs, fractions: Sequence[float], 
             subset = data
         else:
             subset = with_training_fraction(data, fraction, seed)
-            runs = train_arms(subset, out, arms, suffix=f"_{fraction:g}", seed=seed, **arm_kwargs)
+            runs = train_arms(subset, out, arms, schedule, suffix=f"_{fraction:g}", seed=seed,
+                              **arm_kwargs)
         for arm, run in runs.items():
             o = run.overall
             rows.append({"arm": arm, "fraction": fraction, "train images": len(subset.train),

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, whe
     from ..experiment import StudyData
     from ..outputs import Outputs
 
+    from ..train import Schedule
 ARMS = ("alone", "logit_kd", "mlcak")
 #: Findings that occupy a few pixels at 28 px, by each release's name (matched by
 #: :func:`~cxrstudy.data.labels.canonical` name): NIH/ChestMNIST "Nodule" and "Mass", CheXpert
@@ -81,8 +82,8 @@ def token_grids(sizes: Iterable[int], grid: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def train_teacher(data: StudyData, out: Outputs, *, model: str = "deit_small_mt",
-                  grid: int = 14,
+def train_teacher(data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
+                  model: str = "deit_small_mt", grid: int = 14,
                   global_label: str = "no_finding", model_kwargs: dict | None = None,
                   **train_kwargs):
     """The two-task ViT teacher at the data's (highest) resolution, trained alone
@@ -91,7 +92,7 @@ def train_teacher(data: StudyData, out: Outputs, *, model: str = "deit_small_mt"
     from ..train.mlcak import MLCAKTrainer, dataset_global_labels
 
     labels = dataset_global_labels(data.train, global_label)
-    run = train_and_evaluate(model, data, out, tag=f"teacher_{data.image_size}",
+    run = train_and_evaluate(model, data, out, schedule, tag=f"teacher_{data.image_size}",
                              model_kwargs=dict(vit_kwargs(data.image_size, grid),
                                                **(model_kwargs or {})),
                              trainer_cls=MLCAKTrainer,
@@ -101,7 +102,8 @@ def train_teacher(data: StudyData, out: Outputs, *, model: str = "deit_small_mt"
     return run
 
 
-def train_student(arm: str, data: StudyData, out: Outputs, *, teacher, teacher_data=None,
+def train_student(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
+                  teacher, teacher_data=None,
                   teacher_input: str = "high_res", global_label: str = "no_finding",
                   model: str = "deit_small_mt", grid: int = 14, alpha: float = 1.0,
                   beta: float = 1.0, gamma: float = DEFAULT_GAMMA, attention_levels: int = 3,
@@ -132,7 +134,7 @@ def train_student(arm: str, data: StudyData, out: Outputs, *, teacher, teacher_d
                 "mlcak": dict(distil, gamma=gamma, attention_levels=attention_levels,
                               align=align)}[arm]
     labels = dataset_global_labels(data.train, global_label)
-    run = train_and_evaluate(model, data, out, tag=f"{arm}_{data.image_size}",
+    run = train_and_evaluate(model, data, out, schedule, tag=f"{arm}_{data.image_size}",
                              model_kwargs=dict(vit_kwargs(data.image_size, grid),
                                                **(model_kwargs or {})),
                              trainer_cls=MLCAKTrainer,

@@ -25,6 +25,7 @@ from ..report import reference
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
     from ..experiment import RunResult, StudyData
     from ..outputs import Outputs
+    from ..train import Schedule
 
 # The paper's numbers live in params/paper_reference.yaml, each with its source. They are read
 # when first asked for (report.reference caches the file), not when this module is imported:
@@ -207,14 +208,16 @@ def authors_parameter_counts() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def train_arm(arm: str, data: StudyData, out: Outputs, *, backbone: str = "efficientvit_m5",
-              teacher: torch.nn.Module | None = None, alpha: float = 0.5, tau: float = 1.0,
-              kd_mode: str = "soft", mxa_options: dict | None = None, **train_kwargs):
+def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
+              backbone: str = "efficientvit_m5", teacher: torch.nn.Module | None = None,
+              alpha: float = 0.5, tau: float = 1.0, kd_mode: str = "soft",
+              mxa_options: dict | None = None, **train_kwargs):
     """Train and test one arm with :func:`cxrstudy.experiment.train_and_evaluate`.
 
     KD arms train with :class:`cxrstudy.train.DistillationTrainer` against ``teacher``;
     ``mxa_options`` (``crop``, ``mxa_mode``, ``roi_init``) replace the arm's own MXA settings.
-    Everything else (epochs, lr, …) is the same for every arm.
+    Every arm trains on the same ``schedule``; ``train_kwargs`` (seed, n_boot, …) go to
+    ``train_and_evaluate`` as they are.
     """
     from ..experiment import train_and_evaluate
     from ..train import DistillationTrainer
@@ -227,7 +230,8 @@ def train_arm(arm: str, data: StudyData, out: Outputs, *, backbone: str = "effic
             raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
         train_kwargs.update(trainer_cls=DistillationTrainer, trainer_kwargs=dict(
             teacher=teacher, alpha=alpha, tau=tau, mode=kd_mode))
-    return train_and_evaluate(name, data, out, tag=arm, model_kwargs=model_kwargs, **train_kwargs)
+    return train_and_evaluate(name, data, out, schedule, tag=arm, model_kwargs=model_kwargs,
+                              **train_kwargs)
 
 
 #: ``views`` of notebook 03: every image of the release, or frontal views only.
@@ -342,17 +346,19 @@ def sibling_run(spec: str, out: Outputs, data: StudyData) -> Path:
     return folder
 
 
-def prepare_teacher(teacher: str, data: StudyData, out: Outputs, *, teacher_model: str = "densenet121",
-                    n_boot: int = 1000, seed: int = 0, **train_kwargs):
+def prepare_teacher(teacher: str, data: StudyData, out: Outputs, schedule: Schedule | None = None,
+                    *, teacher_model: str = "densenet121", n_boot: int = 1000, seed: int = 0,
+                    **train_kwargs):
     """The frozen teacher and its own test-set result.
 
-    ``teacher="own"`` trains ``teacher_model`` on the same training split (the default: it
-    works offline and on any dataset); ``"run:01_baseline/densenet121"`` reuses a model another
-    notebook of the same profile trained (see :func:`sibling_run`);
+    ``teacher="own"`` trains ``teacher_model`` with ``schedule`` on the same training split (the
+    default: it works offline and on any dataset); ``"run:01_baseline/densenet121"`` reuses a
+    model another notebook of the same profile trained (see :func:`sibling_run`);
     ``"txv-densenet121-res224-chex"`` is torchxrayvision's CheXpert DenseNet from its local
     cache (the paper's teacher); any other value is the path of a cxrstudy checkpoint or run
     folder.
     """
+    from ..train import Schedule
     from ..evaluate import predict_probabilities
     from ..experiment import make_loaders, train_and_evaluate
     from ..metrics import summarize
@@ -361,13 +367,14 @@ def prepare_teacher(teacher: str, data: StudyData, out: Outputs, *, teacher_mode
     if teacher.startswith(RUN_REFERENCE):
         teacher = str(sibling_run(teacher, out, data))
     if teacher == "own":
-        run = train_and_evaluate(teacher_model, data, out, tag="teacher", n_boot=n_boot,
-                                 seed=seed, **train_kwargs)
+        run = train_and_evaluate(teacher_model, data, out, schedule, tag="teacher",
+                                 n_boot=n_boot, seed=seed, **train_kwargs)
         module = load_teacher(run.checkpoint_dir, len(data.classes), data.classes)
         return module, {"teacher": f"own {teacher_model}", "overall": run.overall,
                         "per_class": run.per_class}
     module = load_teacher(teacher, len(data.classes), data.classes)
-    _, _, test_loader = make_loaders(data, train_kwargs.get("batch_size", 32), seed)
+    batch_size = (schedule or Schedule()).batch_size
+    _, _, test_loader = make_loaders(data, batch_size, seed)
     predicted = predict_probabilities(module, test_loader, desc="teacher")
     mask = predicted["masks"] * module.teacher_mask.cpu().numpy()[None, :]
     patients = data.test.patient_ids[predicted["indices"]]

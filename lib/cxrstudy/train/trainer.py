@@ -23,7 +23,6 @@ a list). Subclasses override :meth:`Trainer.training_step` (e.g. knowledge disti
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from tqdm.std import tqdm as text_tqdm
 
 from . import checkpoint as ckpt
+from .config import _OPERATIONAL_FIELDS, TrainConfig
 from .losses import masked_bce, make_loss
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
 
@@ -47,80 +47,9 @@ logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_macro_auc", "lr", "seconds",
                    "images_per_s"]
-# Settings that only change how a run is watched or stored, not what it computes: a run may be
-# resumed with other values of these.
-_OPERATIONAL_FIELDS = {"checkpoint_dir", "resume", "overwrite", "log_every", "progress",
-                       "channels_last", "compile", "keep_last"}
 # What only continuing a run needs: kept in last.pt, never in best.pt (which is read for its
 # weights). An AdamW state is twice the model's size, so best.pt is a third of last.pt.
 _RESUME_ONLY = ("optimizer", "scheduler", "rng", "loader_rng", "augment")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved in its checkpoints).
-
-    ``warmup_epochs`` may be fractional (converted to optimiser steps). ``ema_decay`` None
-    turns EMA off. ``early_stopping_patience``: stop after that many epochs without a higher
-    validation macro AUC (None: never). ``mixed_precision``: "auto" (bf16 on CUDA, none on
-    CPU), "no", "bf16" or "fp16". ``cpu`` forces the CPU even where a GPU exists.
-    ``resume`` continues from ``checkpoint_dir/last.pt`` when it exists; ``overwrite`` allows
-    replacing the checkpoints of another run in ``checkpoint_dir``. When a run with validation
-    completes, ``last.pt`` (the resume state, optimiser included) is deleted and ``best.pt`` is
-    marked complete, unless ``keep_last``; a completed run asked to resume returns at once.
-
-    Speed only (the same computation, so a run may resume with other values): ``channels_last``
-    stores weights and image batches NHWC on a CUDA device, where cuDNN's convolutions are faster
-    that way (ignored on the CPU); ``compile`` wraps the model in ``torch.compile`` (first steps
-    pay the compilation).
-    """
-
-    epochs: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
-    ema_decay: float | None = None
-    early_stopping_patience: int | None = None
-    mixed_precision: str = "auto"
-    seed: int = 0
-    deterministic: bool = True
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    log_every: int = 50
-    progress: bool = True
-    cpu: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    keep_last: bool = False
-
-    def __post_init__(self):
-        if int(self.epochs) < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.lr < 0 or self.min_lr < 0 or self.weight_decay < 0:
-            raise ValueError("lr, min_lr and weight_decay must not be negative")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must not be negative, got {self.warmup_epochs}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {self.ema_decay}")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ValueError("early_stopping_patience must be at least 1 or None")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto/no/bf16/fp16, got "
-                             f"{self.mixed_precision!r}")
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = str(self.checkpoint_dir)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in self.to_dict().items() if k not in _OPERATIONAL_FIELDS}
 
 
 @dataclass
