@@ -19,11 +19,11 @@ import torch
 from .data import CXRDataset, load_dataset
 from .outputs import Outputs
 
-
-@dataclass
 if TYPE_CHECKING:  # the schedule's type (train is imported when a model trains)
     from .train import Schedule
 
+
+@dataclass
 class StudyData:
     """Patient-level train/val/test splits of one dataset at one image size."""
 
@@ -157,11 +157,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-    ``schedule`` (:class:`cxrstudy.train.Schedule`, its defaults when None) says how: epochs,
-    batch size, learning rate, ..., augmentation, and how many processes. ``seed`` seeds the
-    model's initialisation, the data order, the augmentation and the bootstrap of ``n_boot``
-    resamples.
-
 def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int = 0):
     from .data.loader import BatchLoader
 
@@ -182,6 +177,11 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
                        channels_last: bool = True, compile: bool = False,
                        cpu: bool = False) -> RunResult:
     """Train ``model`` (a registry name or a built module) on ``data`` and evaluate on its test split.
+
+    ``schedule`` (:class:`cxrstudy.train.Schedule`, its defaults when None) says how: epochs,
+    batch size, learning rate, ..., augmentation, and how many processes. ``seed`` seeds the
+    model's initialisation, the data order, the augmentation and the bootstrap of ``n_boot``
+    resamples.
 
     Checkpoints go to ``<output_dir>/checkpoints/<tag>/`` (resumed when a same-config run was
     interrupted), the history to ``tables/history_<tag>.csv`` and the test predictions to

@@ -28,9 +28,9 @@ import torch
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
     from ..experiment import RunResult, StudyData
     from ..outputs import Outputs
+    from ..train import Schedule
 
 N_BLOCKS = 4  # blocks whose tokens GLoRI reads, and whose CLS tokens the probe reads
-    from ..train import Schedule
 ARMS = {"fine_tune": {}, "linear_probe": {"n_blocks": N_BLOCKS},
         "linear_probe_last": {"n_blocks": None}, "glori": {"use_cls": False},
         "glori_cls": {"use_cls": True}}
@@ -174,9 +174,9 @@ def train_arms(data: StudyData, out: Outputs, arms: Sequence[str],
 
 
 def label_efficiency(data: StudyData, out: Outputs, fractions: Sequence[float], arms: Sequence[str],
+                     schedule: Schedule | None = None, *,
                      full_runs: Mapping[str, object] | None = None, seed: int = 0,
                      **arm_kwargs) -> pd.DataFrame:
-                     schedule: Schedule | None = None, *,
     """Macro AUC (95% CI) of ``arms`` trained on each fraction of the training patients.
 
     At each fraction the frozen arms sit on a backbone fine-tuned on that same fraction (with

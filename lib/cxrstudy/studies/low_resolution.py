@@ -26,8 +26,8 @@ from ..train.mlcak import DEFAULT_GAMMA
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
     from ..experiment import StudyData
     from ..outputs import Outputs
-
     from ..train import Schedule
+
 ARMS = ("alone", "logit_kd", "mlcak")
 #: Findings that occupy a few pixels at 28 px, by each release's name (matched by
 #: :func:`~cxrstudy.data.labels.canonical` name): NIH/ChestMNIST "Nodule" and "Mass", CheXpert

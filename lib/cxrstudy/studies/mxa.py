@@ -358,10 +358,10 @@ def prepare_teacher(teacher: str, data: StudyData, out: Outputs, schedule: Sched
     cache (the paper's teacher); any other value is the path of a cxrstudy checkpoint or run
     folder.
     """
-    from ..train import Schedule
     from ..evaluate import predict_probabilities
     from ..experiment import make_loaders, train_and_evaluate
     from ..metrics import summarize
+    from ..train import Schedule
     from ..train.teachers import load_teacher
 
     if teacher.startswith(RUN_REFERENCE):
