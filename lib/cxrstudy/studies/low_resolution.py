@@ -218,6 +218,35 @@ def group_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
             .reset_index())
 
 
+def attention_figure(runs: Mapping[tuple[str, int], object], data: Mapping[int, StudyData],
+                     picks: Sequence[int], teacher_size: int, resolutions: Iterable[int],
+                     arms: Sequence[str]) -> tuple[list[np.ndarray], dict[str, np.ndarray], list[str]]:
+    """What the attention-map figure shows, for :func:`cxrstudy.plots.map_overlays`: the test
+    images ``picks`` at the teacher's size (uint8), the CLS attention of the teacher and of one
+    student arm at each of ``resolutions`` on those same images (label → maps), and their ids.
+
+    The student shown is ``mlcak`` when it ran, else the last of ``arms``: the maps MLCAK
+    distils are the ones worth comparing with the teacher's.
+    """
+    import torch
+
+    from ..explain.evidence import uint8_images
+    from ..models.attention_maps import cls_attention
+
+    def batch(size: int) -> torch.Tensor:  # the same test rows at every size (one split)
+        return torch.stack([data[size].test[i]["image"] for i in picks])
+
+    shown = "mlcak" if "mlcak" in arms else arms[-1]
+    teacher_images = batch(teacher_size)
+    maps = {f"teacher {teacher_size} px": cls_attention(runs[("teacher", teacher_size)].model,
+                                                        teacher_images)}
+    for size in resolutions:
+        maps[f"{shown} {size} px"] = cls_attention(runs[(shown, size)].model, batch(size))
+    ids = [data[teacher_size].test.meta(i)["image_id"] for i in picks]
+    return uint8_images(teacher_images), maps, ids
+
+
 __all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "prepare_resolutions",
            "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
-           "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas"]
+           "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas",
+           "attention_figure"]
