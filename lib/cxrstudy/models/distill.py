@@ -46,17 +46,20 @@ class DistilledClassifier(SecondHeadModel):
     State-dict keys: ``backbone.*`` (the original model's) and ``head_dist.*``.
     """
 
-    def __init__(self, backbone: nn.Module):
-        if isinstance(backbone, DistilledClassifier):
-            raise ValueError("the model already has a distillation head")
-        super().__init__(backbone)
-        self.head_dist = fresh_copy(backbone.get_submodule(self.head_name))
-        self.num_classes = _output_width(self.head_dist)
-        self.num_features = getattr(backbone.get_classifier(), "in_features", None)
-        config = copy.deepcopy(dict(getattr(backbone, "cxr_config", {}) or {}))
+    head_kind = "a distillation head"
+    second_head_name = "head_dist"
+
+    new_head = staticmethod(fresh_copy)
+
+    def sizes(self, backbone: nn.Module) -> tuple[int | None, int | None]:
+        return _output_width(self.head_dist), getattr(backbone.get_classifier(), "in_features", None)
+
+    def wrapped_config(self, config: dict | None) -> dict:
+        """The backbone's config with ``distilled: True`` (also in its ``kwargs``)."""
+        config = copy.deepcopy(dict(config or {}))
         config["kwargs"] = dict(config.get("kwargs") or {}, distilled=True)
         config["distilled"] = True
-        self.cxr_config = config
+        return config
 
     def forward_heads(self, x: torch.Tensor) -> DistilledOutput:
         """Both heads' logits whatever the mode."""

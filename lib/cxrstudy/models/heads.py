@@ -77,10 +77,32 @@ class SecondHeadModel(nn.Module):
     (:mod:`cxrstudy.models.multitask`) share. Subclasses register their head after
     ``super().__init__``, so ``backbone.*`` comes first in the parameters and state dict."""
 
+    #: what the subclass adds, for the error when a wrapped model is wrapped again
+    head_kind = "a second head"
+    #: the attribute (and state-dict prefix) of the second head
+    second_head_name = "head_second"
+
     def __init__(self, backbone: nn.Module):
+        if isinstance(backbone, type(self)):
+            raise ValueError(f"the model already has {self.head_kind}")
         super().__init__()
         self.head_name = class_head_name(backbone)
         self.backbone = backbone
+        setattr(self, self.second_head_name, self.new_head(backbone.get_submodule(self.head_name)))
+        self.num_classes, self.num_features = self.sizes(backbone)
+        self.cxr_config = self.wrapped_config(getattr(backbone, "cxr_config", None))
+
+    def new_head(self, class_head: nn.Module) -> nn.Module:
+        """The second head, built from the class head (its structure, fresh weights)."""
+        raise NotImplementedError
+
+    def sizes(self, backbone: nn.Module) -> tuple[int | None, int | None]:
+        """``(num_classes, num_features)`` of the wrapped model."""
+        raise NotImplementedError
+
+    def wrapped_config(self, config: dict | None) -> dict:
+        """The ``cxr_config`` that rebuilds the wrapped model through ``create_model``."""
+        raise NotImplementedError
 
     @property
     def head(self) -> nn.Module:

@@ -76,14 +76,16 @@ class MultiTaskClassifier(SecondHeadModel):
     State-dict keys: ``backbone.*`` (the original model's) and ``head_global.*``.
     """
 
-    def __init__(self, backbone: nn.Module):
-        if isinstance(backbone, MultiTaskClassifier):
-            raise ValueError("the model already has a global head")
-        super().__init__(backbone)
-        self.head_global = _one_logit_head(backbone.get_submodule(self.head_name))
-        self.num_classes = getattr(backbone, "num_classes", None)
-        self.num_features = getattr(backbone, "num_features", None)
-        self.cxr_config = multitask_config(getattr(backbone, "cxr_config", None))
+    head_kind = "a global head"
+    second_head_name = "head_global"
+
+    new_head = staticmethod(_one_logit_head)
+
+    def sizes(self, backbone: nn.Module) -> tuple[int | None, int | None]:
+        return getattr(backbone, "num_classes", None), getattr(backbone, "num_features", None)
+
+    def wrapped_config(self, config: dict | None) -> dict:
+        return multitask_config(config)
 
     def forward_tasks(self, x: torch.Tensor) -> MultiTaskOutput:
         """Both tasks' logits whatever the mode."""
