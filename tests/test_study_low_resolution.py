@@ -162,3 +162,25 @@ def test_minmax_per_image_scales_each_map_on_its_own():
     scaled = minmax_per_image(maps)
     assert torch.allclose(scaled[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
     assert torch.equal(scaled[1], torch.zeros(2, 2))  # a flat map has no peak: all 0
+
+
+def test_attention_figure_shows_the_teacher_and_one_student_on_the_same_test_images():
+    data = study.prepare_resolutions("synthetic", None, [16, 32], seed=0, max_images=40,
+                                     progress=False, n_images=40, n_patients=20)
+    vit = dict(embed_dim=32, depth=2, num_heads=2)
+
+    def run(size):  # a 4×4 token grid at either size
+        classes = len(data[size].classes)
+        return SimpleNamespace(model=create_model("deit_tiny_mt", classes, image_size=size,
+                                                  patch_size=size // 4, **vit))
+
+    runs = {("teacher", 32): run(32), ("alone", 16): run(16), ("mlcak", 16): run(16)}
+    images, maps, ids = study.attention_figure(runs, data, [0, 2], 32, [16], ["alone", "mlcak"])
+    assert list(maps) == ["teacher 32 px", "mlcak 16 px"]  # MLCAK shown when it ran
+    assert all(m.shape == (2, 4, 4) and m.min() >= 0 and m.max() <= 1 for m in maps.values())
+    first = data[32].test[0]["image"][0].numpy()
+    assert images[0].dtype == np.uint8 and np.array_equal(images[0], (first * 255).astype(np.uint8))
+    assert ids == [data[32].test.meta(i)["image_id"] for i in (0, 2)]
+    assert ids == [data[16].test.meta(i)["image_id"] for i in (0, 2)]  # the same images
+    _, alone_only, _ = study.attention_figure(runs, data, [0], 32, [16], ["alone"])
+    assert list(alone_only) == ["teacher 32 px", "alone 16 px"]
