@@ -1,9 +1,9 @@
 """The training loop every notebook uses, on Hugging Face Accelerate.
 
 One :class:`Trainer` covers CPU, one GPU and several GPUs or machines (processes started by
-:mod:`cxrstudy.train.launch`, e.g. ``train_and_evaluate(..., num_processes=4)``): Accelerate
-places the model, wraps it for DDP and autocast, and splits every batch over the processes. The
-loop itself is plain:
+:mod:`cxrstudy.train.launch`, e.g. by ``train_and_evaluate`` with ``Schedule(num_processes=4)``):
+Accelerate places the model, wraps it for DDP and autocast, and splits every batch over the
+processes. The loop itself is plain:
 
     for each batch: loss = training_step(batch); backward; clip; AdamW step; LR step; EMA update
     after each epoch: validation macro AUC → best.pt, early stopping; last.pt
