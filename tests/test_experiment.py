@@ -30,10 +30,11 @@ def test_subsample_keeps_whole_patients_and_the_split_ratio():
 
 
 def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
-    out = Outputs(tmp_path / "run")
-    data = prepare_data("synthetic", None, 32, seed=0, max_images=160, out=out, progress=False,
-                        n_images=240, n_patients=120)
-    assert data.synthetic
+    from cxrstudy.experiment import open_study
+
+    data, out = open_study(tmp_path / "run", "synthetic", None, 32, seed=0, max_images=160,
+                           progress=False, n_images=240, n_patients=120)
+    assert data.synthetic and out.synthetic
     splits = pd.read_csv(tmp_path / "run/splits.csv")
     assert len(splits) == len(data.train) + len(data.val) + len(data.test)
     assert splits.groupby("patient_id")["split"].nunique().max() == 1

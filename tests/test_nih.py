@@ -295,17 +295,15 @@ def test_strict_images_from_the_environment(tmp_path, monkeypatch):
 def test_prepare_data_records_the_images_it_drops(tmp_path, monkeypatch):
     import json
 
-    from cxrstudy.experiment import prepare_data
-    from cxrstudy.outputs import Outputs
+    from cxrstudy.experiment import open_study
 
     monkeypatch.setenv("CXRSTUDY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("CXRSTUDY_STRICT_IMAGES", raising=False)
     rows = [f"000000{p:02d}_000.png,Mass,0,{p},50,M,PA,1,1,0.1,0.1" for p in range(1, 31)]
     root = fabricated_root(tmp_path, rows)
     (root / "images" / "00000007_000.png").write_bytes(b"not a png")
-    out = Outputs(tmp_path / "run")
     with pytest.warns(UserWarning, match="dropping 1 of 30"):
-        data = prepare_data("nih", root, 16, out=out, progress=False)
+        data, _ = open_study(tmp_path / "run", "nih", root, 16, progress=False)
     assert list(data.dropped_images) == ["00000007_000.png"]
     assert "cannot decode" in data.dropped_images["00000007_000.png"]
     assert sum(len(part) for part in (data.train, data.val, data.test)) == 29

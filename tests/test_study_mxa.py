@@ -80,7 +80,9 @@ def test_a_sibling_run_is_reused_only_if_it_never_saw_our_test_images(tmp_path):
     import pandas as pd
     from types import SimpleNamespace
 
-    out = SimpleNamespace(root=tmp_path / "03_knowledge_distillation")
+    from cxrstudy.outputs import Outputs
+
+    out = Outputs(tmp_path / "03_knowledge_distillation")
     data = SimpleNamespace(test=SimpleNamespace(records=pd.DataFrame({"image_id": ["c", "d"]})))
     with pytest.raises(ValueError, match="run:<notebook>/<model tag>"):
         study.sibling_run("run:01_baseline", out, data)

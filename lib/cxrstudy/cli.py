@@ -39,9 +39,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _index_path(results: str | None, profile: str):
     from pathlib import Path
 
+    from .outputs import profile_dir
     from .paths import repo_root
+    from .report.build import INDEX
 
-    index = Path(results or repo_root() / "results") / profile / "index.html"
+    index = profile_dir(results or repo_root() / "results", profile) / INDEX
     try:
         return index.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
@@ -52,24 +54,27 @@ def _print_index(results: str | None, profile: str) -> None:
     """Where the study's page is, once notebook 08 (or `cxrstudy report`) has written it."""
     index = _index_path(results, profile)
     if index.is_file():
-        runs = [p.stat().st_mtime for p in index.parent.glob("[0-9][0-9]_*/provenance.json")
-                if p.parent.name != "08_report"]
+        from .report.collect import notebook_folders
+
+        runs = [run.provenance_file.stat().st_mtime for run in notebook_folders(index.parent)
+                if run.provenance_file.is_file()]
         stale = bool(runs) and max(runs) > index.stat().st_mtime
         print(f"report: {index}" + (f" (older than the latest run: `cxrstudy report --profile "
                                      f"{profile}` regenerates it)" if stale else ""))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .config import ConfigError, resolve_parameters
+    from .outputs import Outputs
+    from .outputs import profile_dir as profile_folder
     from .paths import repo_root
     from .report.build import ReportError, build_report
+    from .report.collect import REPORT_NOTEBOOK
     from .report.reference import ReferenceError
 
     try:
         params = resolve_parameters(args.profile, args.param).get("08_report", {})
-        profile_dir = Path(args.results or repo_root() / "results") / args.profile
+        profile_dir = profile_folder(args.results or repo_root() / "results", args.profile)
         report = build_report(profile_dir, args.profile, note=params.get("profile_note", ""),
                               digits=params.get("digits", 3),
                               require_all=params.get("require_all", False),
@@ -81,7 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"  missing: {name} (no results under {profile_dir})")
     for name in report.failed:
         print(f"  {report.results[name].status}: {name}")
-    print(f"tables: {len(report.tables)} in {profile_dir / '08_report' / 'tables'}")
+    print(f"tables: {len(report.tables)} in {Outputs.of_notebook(profile_dir, REPORT_NOTEBOOK).tables}")
     print(f"report: {_index_path(args.results, args.profile)}")
     return 0
 

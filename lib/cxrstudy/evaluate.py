@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .files import write_json_atomic
 from .models import create_model
 from .models.pretrained import load_exact
+from .outputs import Outputs
 from .train.checkpoint import checkpoint_file, load_checkpoint, load_model_from_checkpoint
 
 
@@ -50,20 +51,16 @@ def training_patients_in(dataset, checkpoint_path) -> int | None:
     no such file is there. A non-zero count means the scores are optimistic: it is warned."""
     import warnings
 
-    import pandas as pd
-
-    splits_file = Path(checkpoint_path).resolve().parent.parent.parent / "splits.csv"
-    if not splits_file.is_file():
+    run = Outputs.of_checkpoint(checkpoint_path)
+    splits = None if run is None else run.load_splits()
+    if splits is None or not {"patient_id", "split"} <= set(splits.columns):
         return None
-    splits = pd.read_csv(splits_file, dtype={"image_id": str, "patient_id": str})
-    if not {"patient_id", "split"} <= set(splits.columns):
-        return None
-    seen = set(splits.loc[splits["split"].isin(["train", "val"]), "patient_id"])
-    overlap = seen & {str(p) for p in dataset.patient_ids}
+    overlap = run.trained_on("patient_id") & {str(p) for p in dataset.patient_ids}
     if overlap:
         warnings.warn(f"{len(overlap)} patients of the evaluated split were in the checkpoint's "
-                      f"training or validation split ({splits_file}); its scores are optimistic. "
-                      f"Pass the seed it was trained with (--seed) or another split.", stacklevel=2)
+                      f"training or validation split ({run.splits_file}); its scores are "
+                      f"optimistic. Pass the seed it was trained with (--seed) or another split.",
+                      stacklevel=2)
     return len(overlap)
 
 

@@ -1,7 +1,8 @@
 """The two steps every study notebook repeats: prepare the splits, then train and evaluate a model.
 
-Notebooks call these instead of writing loops: :func:`prepare_data` returns patient-level
-train/val/test datasets (saved as ``splits.csv``), and :func:`train_and_evaluate` trains one
+Notebooks call these instead of writing loops: :func:`open_study` returns patient-level
+train/val/test datasets and the notebook's :class:`~cxrstudy.outputs.Outputs` (the split saved
+as ``splits.csv``), and :func:`train_and_evaluate` trains one
 model with the shared trainer, evaluates it on the test split with bootstrap CIs, and writes its
 history, checkpoint and predictions under the notebook's output folder.
 """
@@ -83,14 +84,13 @@ def subsample_patients(dataset: CXRDataset, max_images: int, seed: int,
 def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: int = 0,
                  max_images: int | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, cache: bool = True, progress: bool = True,
-                 out: Outputs | None = None, **options) -> StudyData:
+                 **options) -> StudyData:
     """Load ``dataset``, optionally keep ``max_images`` (whole patients), split by patient.
 
     The split comes from the release's official lists when present, else a seeded patient-level
-    split; it is saved to ``<output_dir>/splits.csv`` when ``out`` is given. Images that could not
-    be read are left out (an error when the dataset is strict, see ``load_dataset``); they are
-    listed in ``data.dropped_images`` and in ``metrics.json`` (``dropped_images``) when ``out`` is
-    given, so a run never drops images silently.
+    split. Images that could not be read are left out (an error when the dataset is strict, see
+    ``load_dataset``) and listed in ``data.dropped_images``; :func:`open_study` also records
+    them and the split in the notebook's results folder, so a run never drops images silently.
     """
     full = load_dataset(dataset, data_root, split="all", image_size=image_size, seed=seed,
                         val_fraction=val_fraction, test_fraction=test_fraction, **options)
@@ -116,11 +116,30 @@ def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: i
     data = StudyData(classes=list(full.classes), image_size=int(image_size), dataset=dataset,
                      synthetic=bool(getattr(full, "is_synthetic", False)),
                      dropped_images=dict(getattr(full, "dropped_images", {})), **parts)
-    if out is not None:
-        out.root.mkdir(parents=True, exist_ok=True)
-        data.split_table().to_csv(out.root / "splits.csv", index=False)
-        out.save_metrics(dropped_images=data.dropped_images)
     return data
+
+
+def record_data(data: StudyData, out: Outputs, caption: str) -> None:
+    """What every study notebook keeps of its data: ``splits.csv`` (each image's patient and
+    split, which later notebooks check before reusing a model), the images dropped as
+    unreadable (``dropped_images`` in ``metrics.json``) and the ``splits`` table."""
+    out.save_splits(data.split_table())
+    out.save_metrics(dropped_images=data.dropped_images)
+    out.save_table(data.summary(), "splits", caption=caption)
+
+
+def open_study(output_dir, dataset: str, data_root=None, image_size: int = 224, *,
+               seed: int = 0, max_images: int | None = None, caption_note: str = "",
+               **options) -> tuple[StudyData, Outputs]:
+    """A study notebook's first step in one call: the data (:func:`prepare_data`, ``options``
+    included), then its results folder, told whether the data is synthetic, with the split
+    recorded (:func:`record_data`). ``caption_note`` is added to the splits table's caption
+    (e.g. ``"views: frontal"``)."""
+    data = prepare_data(dataset, data_root, image_size, seed=seed, max_images=max_images, **options)
+    out = Outputs(output_dir, synthetic=data.synthetic)
+    note = f", {caption_note}" if caption_note else ""
+    record_data(data, out, caption=f"Patient-level splits of {dataset} (seed {seed}{note})")
+    return data, out
 
 
 @dataclass
@@ -210,7 +229,7 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     else:
         model_name = getattr(model, "cxr_config", {}).get("name", type(model).__name__)
     tag = tag or model_name
-    checkpoint_dir = out.root / "checkpoints" / tag
+    checkpoint_dir = out.checkpoint_dir(tag)
 
     def build_trainer():
         from .train import Trainer, make_loss
@@ -306,9 +325,9 @@ def _evaluate_and_save(result: dict[str, Any], data: StudyData, out: Outputs, *,
                                    mask=predictions.masks, patient_ids=patient_ids,
                                    n_boot=n_boot, seed=seed)
     out.save_table(history, f"history_{tag}", caption=f"Training history of {tag}")
-    pred_dir = out.root / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(pred_dir / f"{tag}.npz", probs=predictions.probs, targets=predictions.targets,
+    predictions_file = out.predictions_file(tag)
+    predictions_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(predictions_file, probs=predictions.probs, targets=predictions.targets,
                         masks=predictions.masks,
                         image_ids=data.test.records["image_id"].to_numpy()[np.asarray(predictions.indices)],
                         patient_ids=patient_ids, classes=np.asarray(data.classes))

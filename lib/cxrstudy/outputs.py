@@ -1,7 +1,10 @@
 """Where a notebook writes its figures, tables and metrics, in one layout every notebook shares.
 
 ``results/<profile>/<notebook>/``: ``figures/`` (PNG + SVG), ``tables/`` (CSV + Markdown),
-``metrics.json`` (merged key by key, so several cells can each add their part).
+``metrics.json`` (merged key by key, so several cells can each add their part), ``splits.csv``,
+``checkpoints/<tag>/``, ``predictions/<tag>.npz``, ``backbones/<tag>.pt``, ``provenance.json``
+(the runner's record) and the executed notebook. :class:`Outputs` is the only code that spells
+these names; training, the runner, the report, the explanations and the CLI ask it for paths.
 """
 from __future__ import annotations
 
@@ -59,14 +62,180 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def profile_dir(results_dir: str | os.PathLike, profile: str) -> Path:
+    """``<results>/<profile>``: every notebook run with ``profile`` writes one folder in it."""
+    return Path(results_dir) / profile
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file's contents ({} when there is none); an unreadable one is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
 class Outputs:
-    """A notebook's output folder. ``Outputs(output_dir)`` creates it on first write."""
+    """One notebook's results folder, ``results/<profile>/<notebook>/``, and the one place that
+    knows its layout: every module that reads or writes a run's files asks it for the path.
+
+    ``Outputs(output_dir, synthetic=data.synthetic)`` is built once the data is loaded, so
+    every artefact made from synthetic data says so; it creates the folder on first write.
+    :meth:`read_only` opens an existing folder (another notebook's, the runner's, the report's)
+    without the right to write into it.
+    """
+
+    METRICS = "metrics.json"
+    PROVENANCE = "provenance.json"
+    SPLITS = "splits.csv"
+    CHECKPOINTS = "checkpoints"
+    PREDICTIONS = "predictions"
+    BACKBONES = "backbones"
+    FIGURES = "figures"
+    TABLES = "tables"
+    PREVIOUS = "_previous"  # in the profile folder: earlier outputs moved aside before a rerun
 
     def __init__(self, output_dir: str | os.PathLike, synthetic: bool = False):
         self.root = Path(output_dir)
-        self.figures = self.root / "figures"
-        self.tables = self.root / "tables"
-        self.synthetic = synthetic  # every artefact made from synthetic data says so
+        self.figures = self.root / self.FIGURES
+        self.tables = self.root / self.TABLES
+        self._synthetic: bool | None = bool(synthetic)
+        self.writable = True
+
+    @classmethod
+    def read_only(cls, output_dir: str | os.PathLike) -> "Outputs":
+        """An existing (or missing) results folder to read: writing through it is refused, and
+        :attr:`synthetic` is what its run recorded in ``metrics.json``."""
+        view = cls(output_dir)
+        view._synthetic, view.writable = None, False
+        return view
+
+    @classmethod
+    def of_notebook(cls, profile_dir: str | os.PathLike, notebook: str) -> "Outputs":
+        """``notebook``'s results folder in ``profile_dir`` (``results/<profile>``), read-only."""
+        return cls.read_only(Path(profile_dir) / notebook)
+
+    @classmethod
+    def of_checkpoint(cls, path: str | os.PathLike) -> "Outputs | None":
+        """The results folder a checkpoint belongs to (``<run>/checkpoints/<tag>/best.pt`` or the
+        ``<tag>`` folder itself), read-only; None when ``path`` is not laid out that way."""
+        path = Path(path).resolve()
+        run_folder = path if path.is_dir() else path.parent
+        if run_folder.parent.name != cls.CHECKPOINTS:
+            return None
+        return cls.read_only(run_folder.parent.parent)
+
+    # --- what the folder is --------------------------------------------------------------------
+    @property
+    def synthetic(self) -> bool:
+        """True when the run's data was synthetic: set at construction, never changed later."""
+        if self._synthetic is None:
+            return bool(self.load_metrics().get("synthetic_data", False))
+        return self._synthetic
+
+    @property
+    def name(self) -> str:
+        """The notebook this folder belongs to (``01_baseline``)."""
+        return self.root.name
+
+    @property
+    def profile_dir(self) -> Path:
+        """``results/<profile>``: the folder every notebook of the profile writes into."""
+        return self.root.parent
+
+    def sibling(self, notebook: str) -> "Outputs":
+        """Another notebook's results folder of the same profile, read-only."""
+        return Outputs.of_notebook(self.profile_dir, notebook)
+
+    # --- the layout ----------------------------------------------------------------------------
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def provenance_file(self) -> Path:
+        """What the runner records of the run (parameters, fingerprint, status)."""
+        return self.root / self.PROVENANCE
+
+    @property
+    def splits_file(self) -> Path:
+        """Every image the notebook loaded with its patient and split."""
+        return self.root / self.SPLITS
+
+    @property
+    def executed_notebook(self) -> Path:
+        return self.root / f"{self.name}.ipynb"
+
+    @property
+    def lock_file(self) -> Path:
+        """``results/<profile>/.<notebook>.lock``: beside the folder, so it survives archiving."""
+        return self.profile_dir / f".{self.name}.lock"
+
+    def archive_dir(self, stamp: str) -> Path:
+        """Where earlier outputs go before a rerun: ``results/<profile>/_previous/<notebook>-<stamp>``."""
+        return self.profile_dir / self.PREVIOUS / f"{self.name}-{stamp}"
+
+    def checkpoint_dir(self, tag: str) -> Path:
+        """The folder of one trained model's ``best.pt`` / ``last.pt``."""
+        return self.root / self.CHECKPOINTS / tag
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Every trained model's folder, in tag order (empty when none was trained)."""
+        return sorted(p for p in (self.root / self.CHECKPOINTS).glob("*") if p.is_dir())
+
+    def predictions_file(self, tag: str) -> Path:
+        """One model's test-set predictions (``.npz``)."""
+        return self.root / self.PREDICTIONS / f"{tag}.npz"
+
+    def backbone_file(self, tag: str) -> Path:
+        """A fine-tuned backbone's bare weights, for ``create_model(pretrained=...)``."""
+        return self.root / self.BACKBONES / f"{tag}.pt"
+
+    def figure_files(self) -> list[Path]:
+        return sorted(self.figures.glob("*.png"))
+
+    def table_files(self) -> list[Path]:
+        return sorted(self.tables.glob("*.csv"))
+
+    # --- reading -------------------------------------------------------------------------------
+    def load_metrics(self) -> dict:
+        """``metrics.json`` ({} when the notebook wrote none)."""
+        return _read_json(self.metrics_file)
+
+    def load_provenance(self) -> dict:
+        """``provenance.json`` ({} when the runner did not run the notebook)."""
+        return _read_json(self.provenance_file)
+
+    def dropped_images(self) -> dict[str, str]:
+        """The images the run left out as unreadable (``dropped_images`` of its metrics); {}
+        also when its metrics cannot be read (a run killed mid-write)."""
+        try:
+            metrics = self.load_metrics()
+        except (OSError, ValueError):
+            return {}
+        return dict(metrics.get("dropped_images") or {}) if isinstance(metrics, dict) else {}
+
+    def load_splits(self) -> pd.DataFrame | None:
+        """``splits.csv`` (ids as strings), or None when the notebook wrote none."""
+        if not self.splits_file.is_file():
+            return None
+        return pd.read_csv(self.splits_file, dtype={"image_id": str, "patient_id": str})
+
+    def trained_on(self, column: str = "image_id") -> set[str]:
+        """The ``column`` values (image or patient ids) of the run's train and val splits: what
+        its models saw in training. Empty when it wrote no ``splits.csv``."""
+        splits = self.load_splits()
+        if splits is None or not {column, "split"} <= set(splits.columns):
+            return set()
+        return set(splits.loc[splits["split"].isin(["train", "val"]), column])
+
+    # --- writing -------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.root} was opened read-only (Outputs.read_only); "
+                                  f"only its own notebook writes there")
 
     def _caption(self, caption: str | None) -> str | None:
         if self.synthetic:
@@ -74,8 +243,16 @@ class Outputs:
             return f"{caption} — {note}" if caption else note
         return caption
 
+    def save_splits(self, table: pd.DataFrame) -> Path:
+        """Write ``splits.csv`` (image_id, patient_id, split), atomically."""
+        self._check_writable()
+        with files.atomic_path(self.splits_file) as temp:
+            table.to_csv(temp, index=False)
+        return self.splits_file
+
     def save_figure(self, fig, name: str, caption: str | None = None) -> Path:
         """Save ``fig`` as ``figures/<name>.png`` and ``.svg``; returns the PNG path."""
+        self._check_writable()
         self.figures.mkdir(parents=True, exist_ok=True)
         caption = self._caption(caption)
         if caption and self.synthetic:
@@ -87,11 +264,15 @@ class Outputs:
 
     def save_table(self, table: pd.DataFrame, name: str, caption: str | None = None,
                    float_format: str = "{:.3f}") -> Path:
-        """Save ``tables/<name>.csv`` (full precision) and ``.md`` (rounded, with caption)."""
+        """Save ``tables/<name>.csv`` (full precision) and ``.md`` (rounded, with caption; a
+        value and its numeric 95% CI columns shown as one ``value (low–high)`` cell)."""
+        self._check_writable()
         self.tables.mkdir(parents=True, exist_ok=True)
         csv = self.tables / f"{name}.csv"
         table.to_csv(csv, index=False)
-        shown = table.copy()
+        from .display import fold_ci
+
+        shown = fold_ci(table)
         for col in shown.columns:
             if pd.api.types.is_float_dtype(shown[col]):
                 shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else float_format.format(v))
@@ -102,14 +283,13 @@ class Outputs:
 
     def save_metrics(self, **entries: Any) -> Path:
         """Merge ``entries`` into ``metrics.json`` (keys already there are replaced, others kept)."""
-        path = self.root / "metrics.json"
-        current = json.loads(path.read_text()) if path.is_file() else {}
+        self._check_writable()
+        current = self.load_metrics()
         current.update(_jsonable(entries))
         if self.synthetic:
             current["synthetic_data"] = True
-        write_json_atomic(path, current)
-        return path
+        write_json_atomic(self.metrics_file, current)
+        return self.metrics_file
 
-    def load_metrics(self) -> dict:
-        path = self.root / "metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+
+__all__ = ["Outputs", "dropped_summary", "markdown_table", "profile_dir", "write_json_atomic"]

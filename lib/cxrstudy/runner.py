@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from .config import NotebookSpec, discover_notebooks, notebook_dependencies, resolve_parameters
-from .outputs import dropped_summary, write_json_atomic
+from .outputs import Outputs, dropped_summary, profile_dir, write_json_atomic
 from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
 from .schedule import Schedule, dependency_order
 from .workers import (THREAD_VARIABLES, Worker, execute_in_process, make_workers,
                       parse_devices)
 
-PROVENANCE = "provenance.json"
 #: A run that stopped before it finished (killed, Ctrl-C, a failure) with the same fingerprint
 #: continues in place: its ``last.pt`` checkpoints resume training instead of starting over.
 RESUMABLE = ("failed", "running", "interrupted")
@@ -42,7 +41,8 @@ class RunLock:
     over; a live one is refused, naming who holds it."""
 
     def __init__(self, output_dir: Path):
-        self.path = output_dir.parent / f".{output_dir.name}.lock"
+        self.output_dir = Path(output_dir)
+        self.path = Outputs.read_only(output_dir).lock_file
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -73,7 +73,7 @@ class RunLock:
                 holder = self.holder() or {}
                 if holder and self._alive(holder):
                     raise RunLockedError(
-                        f"{self.path.parent / self.path.name[1:-5]} is being written by process "
+                        f"{self.output_dir} is being written by process "
                         f"{holder.get('pid')} on {holder.get('host')} (since {holder.get('started')}); "
                         f"wait for it to finish, or delete {self.path} if that process is gone")
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
@@ -86,15 +86,6 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if (self.holder() or {}).get("pid") == self.owner["pid"]:
             self.path.unlink(missing_ok=True)
-
-
-def dropped_images_in(output_dir: Path) -> dict[str, str]:
-    """The images a notebook left out as unreadable (``dropped_images`` of its metrics.json)."""
-    try:
-        metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return dict(metrics.get("dropped_images") or {}) if isinstance(metrics, dict) else {}
 
 
 def dropped_note(dropped: dict[str, str]) -> str:
@@ -194,17 +185,10 @@ def default_results_dir(log: Callable[[str], None] = print) -> Path:
     return root / "results"
 
 
-def previous_fingerprint(output_dir: Path) -> str | None:
-    path = output_dir / PROVENANCE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
+def previous_fingerprint(outputs: Outputs) -> str | None:
+    """The fingerprint of the run recorded in ``outputs``, when that run succeeded."""
+    record = outputs.load_provenance()
     return record.get("fingerprint") if record.get("status") == "ok" else None
-
-
-def previous_record(output_dir: Path) -> dict | None:
-    path = output_dir / PROVENANCE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> Path | None:
@@ -215,13 +199,13 @@ def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> P
     """
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return None
-    record = previous_record(output_dir)
-    if record is not None and record.get("status") in RESUMABLE and record.get("fingerprint") == fp:
+    outputs = Outputs.read_only(output_dir)
+    record = outputs.load_provenance()
+    if record.get("status") in RESUMABLE and record.get("fingerprint") == fp:
         log(f"    resuming in place: the last run of these parameters was {record['status']} "
             f"({output_dir})")
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = output_dir.parent / "_previous" / f"{output_dir.name}-{stamp}"
+    target = outputs.archive_dir(time.strftime("%Y%m%d-%H%M%S"))
     target.parent.mkdir(parents=True, exist_ok=True)
     output_dir.rename(target)
     log(f"    earlier outputs moved to {target}")
@@ -234,7 +218,7 @@ def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
 
     output_dir.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
-        str(spec.path), str(output_dir / spec.path.name), parameters=params,
+        str(spec.path), str(Outputs(output_dir).executed_notebook), parameters=params,
         kernel_name=kernel_name, cwd=str(spec.path.parent), progress_bar=progress,
         request_save_on_cell_execute=True,
     )
@@ -268,12 +252,12 @@ class _StudyRun:
         """Blocked (by the failed upstream ``blocked``), up to date (a result), or a job to run;
         its upstream have all finished."""
         spec = self.notebooks[name]
-        results_dir, profile = self.results_dir, self.profile
-        output_dir = (results_dir / profile / name).resolve()
+        outputs = Outputs.of_notebook(profile_dir(self.results_dir, self.profile).resolve(), name)
+        output_dir = outputs.root
         params = dict(self.all_params[name], output_dir=str(output_dir))
         depends_on = self.dependencies[name]
         # a failed upstream counts as different from its later success (a report on it reruns)
-        upstream = [(self.fingerprints.get(d) or previous_fingerprint(results_dir / profile / d)
+        upstream = [(self.fingerprints.get(d) or previous_fingerprint(outputs.sibling(d))
                      or "missing") + (":failed" if d in self.failed else "") for d in depends_on]
         fp = fingerprint(params, spec.path, upstream)
         self.fingerprints[name] = fp
@@ -281,7 +265,7 @@ class _StudyRun:
         if blocked:
             self.log(f"{prefix}: not run, it depends on failed {', '.join(blocked)}")
             return NotebookResult(name, "blocked", 0.0, output_dir, f"depends on {blocked}")
-        if not self.force and previous_fingerprint(output_dir) == fp:
+        if not self.force and previous_fingerprint(outputs) == fp:
             self.log(f"{prefix}: up to date, skipped (use --force to rerun)")
             return NotebookResult(name, "skipped", 0.0, output_dir)
         return _Job(name, prefix, params, fp, output_dir)
@@ -292,15 +276,16 @@ class _StudyRun:
         spec, params, fp, output_dir, prefix = (self.notebooks[job.name], job.params, job.fp,
                                                 job.output_dir, job.prefix)
         log = self.log if worker is None else (lambda m: self.log(f"    {job.name}: {m.strip()}"))
+        outputs = Outputs.read_only(output_dir)  # the notebook writes there; the runner reads
 
         def record(status: str, seconds: float, error: str | None) -> None:
             entry = provenance_record(params, fp, status, seconds, error)
             if worker is not None:
                 entry["worker"] = worker.describe()
-            dropped = dropped_images_in(output_dir)
+            dropped = outputs.dropped_images()
             if dropped:
                 entry["dropped_images"] = dropped
-            write_json_atomic(output_dir / PROVENANCE, entry)
+            write_json_atomic(outputs.provenance_file, entry)
 
         where = f"(profile {self.profile})" if worker is None else \
             f"on {worker.label}, profile {self.profile}"
@@ -325,7 +310,7 @@ class _StudyRun:
             seconds = time.perf_counter() - start
             record(status, seconds, error)
         self.log(f"{prefix}: {status} in {seconds:.1f} s" + (f" — {error}" if error else "")
-                 + dropped_note(dropped_images_in(output_dir)))
+                 + dropped_note(outputs.dropped_images()))
         return NotebookResult(job.name, status, seconds, output_dir, error)
 
     def note(self, result: NotebookResult) -> NotebookResult:
@@ -365,7 +350,7 @@ def run_notebooks(
     if check_data:
         preflight_data([all_params[n] for n in chosen], log)
     results_dir = Path(results_dir) if results_dir else default_results_dir(log)
-    log(f"results: {(Path(results_dir) / profile).resolve()}"
+    log(f"results: {profile_dir(results_dir, profile).resolve()}"
         + (f"; threads per kernel: {os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
            if os.environ.get("OMP_NUM_THREADS") else ""))
     if executor is None:

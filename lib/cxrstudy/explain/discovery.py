@@ -14,7 +14,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from ..train.checkpoint import BEST_NAME, LAST_NAME
+from ..outputs import Outputs
+from ..train.checkpoint import checkpoint_file
 
 
 @dataclass(frozen=True)
@@ -31,29 +32,22 @@ class TrainedModel:
         return f"{self.notebook}/{self.tag}"
 
 
-def checkpoint_file(folder: Path) -> Path | None:
-    for name in (BEST_NAME, LAST_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
 def find_trained_models(results_root: Path, notebooks: Sequence[str],
                         include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
                         ) -> list[TrainedModel]:
     """Run folders of ``notebooks`` under ``results_root`` (``results/<profile>``), in notebook
     then tag order, whose ``<notebook>/<tag>`` matches an ``include`` pattern and no ``exclude``
     pattern (``fnmatch``). A listed notebook that has not run is an error, naming it."""
-    results_root = Path(results_root)
     found = []
     for notebook in notebooks:
-        folder = results_root / notebook / "checkpoints"
-        if not (results_root / notebook).is_dir():
-            raise FileNotFoundError(f"{results_root / notebook} does not exist: run {notebook} "
+        outputs = Outputs.of_notebook(results_root, notebook)
+        if not outputs.root.is_dir():
+            raise FileNotFoundError(f"{outputs.root} does not exist: run {notebook} "
                                     f"with this profile (into the same results folder) first")
-        for run in sorted(p for p in folder.glob("*") if p.is_dir()):
-            path = checkpoint_file(run)
-            if path is None:
+        for run in outputs.checkpoint_dirs():
+            try:
+                path = checkpoint_file(run)
+            except FileNotFoundError:  # a run that has not finished its first epoch
                 continue
             model = TrainedModel(notebook, run.name, path)
             if any(fnmatch.fnmatch(model.key, p) for p in include) and \
@@ -64,11 +58,10 @@ def find_trained_models(results_root: Path, notebooks: Sequence[str],
 
 def seen_splits(results_root: Path, notebook: str) -> pd.Series:
     """image_id → split of ``notebook``'s ``splits.csv`` (empty when it wrote none)."""
-    path = Path(results_root) / notebook / "splits.csv"
-    if not path.is_file():
+    table = Outputs.of_notebook(results_root, notebook).load_splits()
+    if table is None:
         return pd.Series(dtype=str)
-    table = pd.read_csv(path, dtype={"image_id": str})
     return table.drop_duplicates("image_id").set_index("image_id")["split"]
 
 
-__all__ = ["TrainedModel", "checkpoint_file", "find_trained_models", "seen_splits"]
+__all__ = ["TrainedModel", "find_trained_models", "seen_splits"]

@@ -48,7 +48,7 @@ def _check_replaceable(profile_dir: Path, profile: str) -> None:
     if index.exists() and not is_report_page(index, profile):
         kind = "a report of another profile" if is_report_page(index) else "not written by cxrstudy.report"
         raise ReportError(f"{index} exists and is {kind}; move it away first (nothing was written)")
-    earlier = Outputs(profile_dir / REPORT_NOTEBOOK).load_metrics()
+    earlier = Outputs.of_notebook(profile_dir, REPORT_NOTEBOOK).load_metrics()
     if earlier.get("profile") not in (None, profile):
         raise ReportError(f"{profile_dir / REPORT_NOTEBOOK} holds a report of profile "
                           f"{earlier['profile']!r}, not {profile!r}; nothing was written")
@@ -85,8 +85,8 @@ def build_report(profile_dir: str | Path, profile: str | None = None, note: str 
                                generated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                notebooks={n: r.status for n, r in results.items()}, missing=missing,
                                tables=[t.name for t in tables], index=str(index))
-    own = {"executed notebook": out.root / f"{REPORT_NOTEBOOK}.ipynb", "metrics.json": metrics,
-           "provenance.json": out.root / "provenance.json", "runs.csv": out.tables / "runs.csv"}
+    own = {"executed notebook": out.executed_notebook, "metrics.json": metrics,
+           "provenance.json": out.provenance_file, "runs.csv": out.tables / "runs.csv"}
     own = {k: v for k, v in own.items() if v.is_file() or (k == "provenance.json" and runner_provenance)}
     index.write_text(render_index(profile, index, tables, table_files, results, note, digits,
                                   report_files=own))

@@ -6,11 +6,12 @@ in the report without a change here. A study notebook without a folder is *missi
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..outputs import Outputs
 
 REPORT_NOTEBOOK = "08_report"
 NOTEBOOK_FOLDER = re.compile(r"^\d\d_[A-Za-z0-9_]+$")
@@ -39,6 +40,11 @@ class NotebookResults:
     executed: Path | None = None
 
     @property
+    def outputs(self) -> Outputs:
+        """The folder's layout (read-only): where its metrics, provenance and files are."""
+        return Outputs.read_only(self.folder)
+
+    @property
     def params(self) -> dict[str, Any]:
         return self.provenance.get("params") or {}
 
@@ -47,13 +53,6 @@ class NotebookResults:
         if key in self.metrics:
             return self.metrics[key]
         return self.params.get(key, default)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def markdown_caption(path: Path) -> str | None:
@@ -65,33 +64,42 @@ def markdown_caption(path: Path) -> str | None:
 
 
 def read_notebook(folder: Path, name: str | None = None) -> NotebookResults:
-    name = name or folder.name
-    if not folder.is_dir():
+    outputs = Outputs.read_only(folder)
+    name = name or outputs.name
+    if not outputs.root.is_dir():
         return NotebookResults(name, folder, "missing")
-    provenance = _read_json(folder / "provenance.json")
-    metrics = _read_json(folder / "metrics.json")
+    provenance = outputs.load_provenance()
+    metrics = outputs.load_metrics()
     # no provenance: run by hand (metrics, no runner record) or still running / interrupted
     status = provenance.get("status") or ("ok" if metrics else "incomplete")
-    figures = sorted(folder.glob("figures/*.png"))
     tables = [TableFile(csv.stem, csv, csv.with_suffix(".md") if csv.with_suffix(".md").is_file() else None,
                         markdown_caption(csv.with_suffix(".md")))
-              for csv in sorted(folder.glob("tables/*.csv"))]
-    executed = folder / f"{name}.ipynb"
-    return NotebookResults(name, folder, status, metrics, provenance, figures, tables,
+              for csv in outputs.table_files()]
+    executed = outputs.executed_notebook
+    return NotebookResults(name, folder, status, metrics, provenance, outputs.figure_files(), tables,
                            executed if executed.is_file() else None)
+
+
+def notebook_folders(profile_dir: Path, include_report: bool = False) -> list[Outputs]:
+    """The ``NN_name/`` folders under ``profile_dir``, read-only, in notebook order;
+    ``_previous/`` and other folders are left out."""
+    profile_dir = Path(profile_dir)
+    if not profile_dir.is_dir():
+        return []
+    names = sorted(p.name for p in profile_dir.iterdir() if p.is_dir() and NOTEBOOK_FOLDER.match(p.name))
+    return [Outputs.of_notebook(profile_dir, n) for n in names
+            if include_report or n != REPORT_NOTEBOOK]
 
 
 def collect(profile_dir: Path, expected: list[str] | None = None,
             include_report: bool = False) -> dict[str, NotebookResults]:
     """Every notebook folder under ``profile_dir`` plus every ``expected`` name (missing ones
     marked ``missing``), in notebook order. ``_previous/`` and other folders are left out."""
-    profile_dir = Path(profile_dir)
-    found = sorted(p.name for p in profile_dir.iterdir()
-                   if p.is_dir() and NOTEBOOK_FOLDER.match(p.name)) if profile_dir.is_dir() else []
+    found = [run.name for run in notebook_folders(profile_dir, include_report=True)]
     names = sorted(set(found) | set(expected or []))
     if not include_report:
         names = [n for n in names if n != REPORT_NOTEBOOK]
-    return {n: read_notebook(profile_dir / n, n) for n in names}
+    return {n: read_notebook(Outputs.of_notebook(profile_dir, n).root, n) for n in names}
 
 
 def study_notebooks() -> list[str]:
@@ -101,5 +109,5 @@ def study_notebooks() -> list[str]:
     return [n for n in discover_notebooks() if n != REPORT_NOTEBOOK]
 
 
-__all__ = ["NotebookResults", "TableFile", "collect", "markdown_caption", "read_notebook",
-           "study_notebooks", "REPORT_NOTEBOOK"]
+__all__ = ["NotebookResults", "TableFile", "collect", "markdown_caption", "notebook_folders",
+           "read_notebook", "study_notebooks", "REPORT_NOTEBOOK"]

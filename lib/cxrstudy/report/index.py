@@ -74,8 +74,8 @@ def _notebook_section(nb: NotebookResults, page: Path, digits: int) -> str:
         out.append('<p class="missing">missing: no results in this folder (not run for this '
                    'profile, or removed)</p>')
         return "\n".join(out)
-    files = {"executed notebook": nb.executed, "metrics.json": nb.folder / "metrics.json",
-             "provenance.json": nb.folder / "provenance.json"}
+    files = {"executed notebook": nb.executed, "metrics.json": nb.outputs.metrics_file,
+             "provenance.json": nb.outputs.provenance_file}
     links = _links({k: v for k, v in files.items() if v is not None}, page)
     status = f'<span class="missing">{_e(nb.status)}</span>' if nb.status != "ok" else "ok"
     out.append(f"<p>status: {status} · {links}</p>")

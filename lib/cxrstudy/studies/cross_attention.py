@@ -56,6 +56,15 @@ def ordered_arms(arms: Sequence[str]) -> list[str]:
     return [arm for arm in ARMS if arm in set(arms)]
 
 
+def arm_with_maps(runs: Mapping[str, object]) -> str | None:
+    """The arm whose attention maps the notebook shows: ``can_balance`` (CAN as published, with
+    its balance loss), else ``can_bce``, else the first CAN arm that ran; None when none did
+    (only CAN has attention maps)."""
+    preferred = [arm for arm in ("can_balance", "can_bce") if arm in runs]
+    can_arms = [arm for arm in runs if arm.startswith("can_")]
+    return (preferred or can_arms or [None])[0]
+
+
 def arm_loss(arm: str, data: StudyData, max_weight: float | None = 50.0):
     """The arm's loss; class-weighted BCE takes its weights from the training prevalence."""
     from ..train import make_loss
@@ -124,4 +133,5 @@ def comparisons(runs: Mapping[str, object]) -> pd.DataFrame:
                                        "DeLong p (micro)"])
 
 
-__all__ = ["ARMS", "COMPARISONS", "ordered_arms", "arm_loss", "train_arm", "comparisons"]
+__all__ = ["ARMS", "COMPARISONS", "ordered_arms", "arm_with_maps", "arm_loss", "train_arm",
+           "comparisons"]

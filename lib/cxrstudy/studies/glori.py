@@ -122,9 +122,8 @@ def with_training_fraction(data: StudyData, fraction: float, seed: int = 0):
 
 def save_backbone(run: RunResult, out: Outputs, tag: str) -> Path:
     """The fine-tuned backbone's weights, as a file ``create_model(pretrained=...)`` reads."""
-    folder = Path(out.root) / "backbones"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{tag}.pt"
+    path = out.backbone_file(tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(run.model, "module", run.model)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return path

@@ -57,6 +57,24 @@ def prepare_resolutions(dataset: str, data_root, sizes: Iterable[int], **prepare
     return datasets
 
 
+def open_resolutions(output_dir, dataset: str, data_root, sizes: Iterable[int], *, seed: int = 0,
+                     max_images: int | None = None, **options
+                     ) -> tuple[dict[int, "StudyData"], "Outputs"]:
+    """Notebook 04's first step in one call, the shape of :func:`cxrstudy.experiment.open_study`:
+    the data at every size (:func:`prepare_resolutions`), then the results folder, with the one
+    split (the same at every size) recorded."""
+    from ..experiment import record_data
+    from ..outputs import Outputs
+
+    data = prepare_resolutions(dataset, data_root, sizes, seed=seed, max_images=max_images, **options)
+    first = data[min(data)]
+    out = Outputs(output_dir, synthetic=first.synthetic)
+    shown = ", ".join(str(size) for size in sorted(data))
+    record_data(first, out, caption=f"Patient-level splits of {dataset} (seed {seed}), the same "
+                                    f"patients at {shown} px")
+    return data, out
+
+
 def vit_kwargs(image_size: int, grid: int) -> dict:
     """Patch size keeping a ``grid``×``grid`` token grid at ``image_size`` (224 → 16, 28 → 2).
 
@@ -246,7 +264,8 @@ def attention_figure(runs: Mapping[tuple[str, int], object], data: Mapping[int, 
     return uint8_images(teacher_images), maps, ids
 
 
-__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "prepare_resolutions",
+__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER",
+           "prepare_resolutions", "open_resolutions",
            "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
            "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas",
            "attention_figure"]

@@ -318,7 +318,7 @@ def paper_gain_sentence(parts: pd.DataFrame) -> str:
 
 
 def sibling_run(spec: str, out: Outputs, data: StudyData) -> Path:
-    """Checkpoint folder of ``run:<notebook>/<tag>`` beside this notebook's output folder.
+    """Checkpoint folder of ``run:<notebook>/<tag>``, a notebook of the same profile as ``out``.
 
     Refused when that notebook has not run, or when it trained on any image of our test split
     (its ``splits.csv`` is compared with ours), so a reused teacher never saw our test set.
@@ -327,18 +327,15 @@ def sibling_run(spec: str, out: Outputs, data: StudyData) -> Path:
     if not notebook or not tag:
         raise ValueError(f"teacher {spec!r}: write run:<notebook>/<model tag>, e.g. "
                          f"run:01_baseline/densenet121")
-    source = Path(out.root).parent / notebook
-    folder = source / "checkpoints" / tag
+    source = out.sibling(notebook)
+    folder = source.checkpoint_dir(tag)
     if not folder.is_dir():
         raise FileNotFoundError(f"teacher {spec!r}: {folder} does not exist; run {notebook} with "
                                 f"this profile first, or set teacher='own'")
-    splits_file = source / "splits.csv"
-    if not splits_file.is_file():
-        raise FileNotFoundError(f"teacher {spec!r}: {splits_file} is missing, so it cannot be "
-                                f"checked that the teacher never trained on our test images")
-    splits = pd.read_csv(splits_file, dtype={"image_id": str})
-    seen = set(splits.loc[splits["split"].isin(["train", "val"]), "image_id"])
-    leaked = sorted(seen & set(data.test.records["image_id"].astype(str)))
+    if not source.splits_file.is_file():
+        raise FileNotFoundError(f"teacher {spec!r}: {source.splits_file} is missing, so it cannot "
+                                f"be checked that the teacher never trained on our test images")
+    leaked = sorted(source.trained_on("image_id") & set(data.test.records["image_id"].astype(str)))
     if leaked:
         raise ValueError(f"teacher {spec!r} trained on {len(leaked)} of our test images (e.g. "
                          f"{leaked[0]}): its split differs from ours (another seed or subsample); "
