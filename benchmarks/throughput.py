@@ -280,7 +280,7 @@ def measure_row(row_name: str, size: int, dataset, settings: Settings,
     (CPU only): :func:`decode_cpu_seconds` per mode, for the perfect-packing columns."""
     from cxrstudy.data.augment import BatchAugment
     from cxrstudy.data.loader import BatchLoader
-    from cxrstudy.experiment import count_parameters
+    from cxrstudy.models import count_parameters
     from cxrstudy.train import TrainConfig, Trainer, seed_everything
 
     device = settings.device

@@ -54,8 +54,9 @@ def build_plain_cnn(num_classes, in_chans, image_size, pretrained=False, **kwarg
 def _train_on_two_then_one(root: str) -> None:
     """The notebook's side: the same arm with num_processes=2, then 1 (a launch must come before
     any Accelerator exists in this process, as in a fresh kernel)."""
-    from cxrstudy.experiment import prepare_data, run_metrics, train_and_evaluate
+    from cxrstudy.experiment import prepare_data, train_and_evaluate
     from cxrstudy.outputs import Outputs
+    from cxrstudy.tables import run_metrics
     from cxrstudy.train import Schedule
 
     data = prepare_data("synthetic", image_size=SIZE, seed=0, n_images=IMAGES, progress=False)

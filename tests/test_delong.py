@@ -6,7 +6,8 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from cxrstudy.metrics import delong_ci, delong_covariance, delong_per_class, delong_test
+from cxrstudy.metrics import (delong_ci, delong_covariance, delong_per_class, delong_test,
+                              pooled_delong_p)
 
 def _slow_delong_covariance(labels, score_sets):
     """DeLong et al. (1988) written out with the m × n matrix of ψ(X_i, Y_j)."""
@@ -93,3 +94,15 @@ def test_degenerate_inputs():
         delong_test(np.zeros((3, 2)), np.zeros(3), np.zeros(3))
     with pytest.raises(ValueError, match="row 1"):
         delong_test([1, 0, 1], [0.1, np.nan, 0.3], [0.1, 0.2, 0.3])
+
+
+def test_pooled_delong_uses_the_known_pairs_only():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (40, 3)).astype(float)
+    a, b = rng.random((40, 3)), rng.random((40, 3))
+    mask = np.ones_like(targets)
+    mask[:10, 0] = 0
+    known = mask > 0
+    expected = delong_test(targets[known], a[known], b[known])["p_value"]
+    assert pooled_delong_p(targets, a, b, mask) == pytest.approx(expected)
+    assert np.isnan(pooled_delong_p(np.zeros((5, 2)), a[:5, :2], b[:5, :2]))

@@ -1,32 +1,14 @@
-"""The notebooks' glue: subsampling keeps whole patients and the split ratio; a run end to end."""
+"""The notebooks' glue: the data prepared and a run end to end."""
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy.data import load_dataset
-from cxrstudy.experiment import (best_run_sentence, prepare_data, run_metrics, subsample_patients,
-                                 train_and_evaluate)
+from cxrstudy.experiment import prepare_data, train_and_evaluate
 from cxrstudy.outputs import Outputs
+from cxrstudy.tables import best_run_sentence, overall_row, run_metrics
 from cxrstudy.train import Schedule
-
-
-def test_subsample_keeps_whole_patients_and_the_split_ratio():
-    ds = load_dataset("synthetic", split="all", image_size=32, n_images=400, n_patients=150, seed=1)
-    assignment = ds.split_assignment
-    keep = subsample_patients(ds, 200, seed=0, assignment=assignment)
-    patients = ds.records["patient_id"].to_numpy()
-    kept_patients = set(patients[keep])
-    # whole patients: every image of a kept patient is kept
-    assert set(np.flatnonzero(np.isin(patients, list(kept_patients)))) == set(keep)
-    share = {s: (assignment[keep] == s).mean() for s in ("train", "val", "test")}
-    full = {s: (assignment == s).mean() for s in ("train", "val", "test")}
-    for split in share:  # the ratio survives (the bug this guards: test and val taken first)
-        assert abs(share[split] - full[split]) < 0.06, (split, share, full)
-    assert 180 <= len(keep) <= 230
-    assert np.array_equal(keep, subsample_patients(ds, 200, seed=0, assignment=assignment))
-    assert not np.array_equal(keep, subsample_patients(ds, 200, seed=1, assignment=assignment))
 
 
 def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
@@ -48,7 +30,7 @@ def test_prepare_data_and_train_and_evaluate_write_their_artefacts(tmp_path):
     assert (tmp_path / "run/checkpoints/resnet18/best.pt").is_file()  # marked complete,
     assert not (tmp_path / "run/checkpoints/resnet18/last.pt").exists()  # resume state dropped
     assert (tmp_path / "run/tables/history_resnet18.csv").is_file()
-    row = run.row()
+    row = overall_row(run)
     assert row["model"] == "resnet18" and row["epochs"] == 2 and row["best epoch"] in (1, 2)
 
 

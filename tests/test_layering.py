@@ -12,11 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "cxrstudy"
 
 #: top-level module or subpackage → layer (0 = depends on nothing of ours).
 LAYERS = {
-    "paths": 0, "files": 0, "arguments": 0, "plots": 0,
+    "paths": 0, "files": 0, "arguments": 0, "plots": 0, "display": 0,
     "data": 1, "metrics": 1, "outputs": 1, "config": 1, "provenance": 1,
-    "models": 2, "ablation": 2, "explore": 2, "rehearsal": 2,
+    "models": 2, "explore": 2, "rehearsal": 2,
     "train": 3,
-    "evaluate": 4, "experiment": 4,
+    "evaluate": 4, "experiment": 4, "tables": 4,
     "report": 5, "explain": 5,
     "studies": 6,
     "runner": 7, "workers": 7, "schedule": 7,

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxrstudy.metrics import (check_inputs, compare_models, f1_at_threshold, json_ready,
-                              label_counts, macro_auc, micro_auc, midranks, per_class_ap,
-                              per_class_auc, rank_auc, summarize, weighted_auc)
+from cxrstudy.metrics import (check_inputs, compare_models, constant_score_classes,
+                              f1_at_threshold, json_ready, label_counts, macro_auc, micro_auc,
+                              midranks, per_class_ap, per_class_auc, rank_auc, summarize,
+                              weighted_auc)
 
 # Six samples, one class. Positives score {0.9, 0.6, 0.4}; negatives {0.6, 0.5, 0.2}.
 # All nine (positive, negative) pairs, 1 = ranked right, ½ = tie, 0 = wrong:
@@ -224,3 +225,11 @@ def test_compare_models_reports_macro_auc_and_delong_p_per_class():
     assert best["n_better"] == 3 and best["n_worse"] == 0
     with pytest.raises(KeyError, match="reference"):
         compare_models(y, {"weak": weak}, reference="missing")
+
+
+def test_constant_scores_are_found_only_among_known_labels():
+    scores = np.array([[0.5, 0.1, 0.3], [0.5, 0.2, 0.9], [0.5, 0.3, 0.3]])
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    # class c varies only on the unknown row, so among known rows it is constant
+    assert constant_score_classes(scores, ["a", "b", "c"], mask) == ["a", "c"]
+    assert constant_score_classes(scores, ["a", "b", "c"]) == ["a"]

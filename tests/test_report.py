@@ -65,7 +65,8 @@ def hand_made(tmp_path):
         "dataset": "nih-sample", "image_size": 64, "backbones": ["resnet18", "resnet18"], "models": {
             "single": model(overall(0.60, 0.57), [0.62, 0.71, 0.5])}},
         tables={"per_class_auc": pd.DataFrame({"class": CLASSES, "single AUC": [0.62, 0.71, 0.5],
-                                               "single 95% CI": ["0.500–0.740", "0.600–0.820", ""]})})
+                                               "single low": [0.5, 0.6, None],
+                                               "single high": [0.74, 0.82, None]})})
     write_run(root, "07_explainability", {"dataset": "nih-sample", "pointing_game": 0.4},
               figures=["gradcam overlay"], tables={"pointing": pd.DataFrame({"class": CLASSES})})
     expected = ["00_data_exploration", "01_baseline", "02_mxa", "03_knowledge_distillation",

@@ -121,3 +121,37 @@ def test_align_names_images_without_a_split():
                           "split": ["train", "test"]})
     with pytest.raises(KeyError, match="img2"):
         align_splits(ds, table)
+
+
+def test_subsample_keeps_whole_patients_and_the_split_ratio():
+    from cxrstudy.data import load_dataset
+    from cxrstudy.data.splits import subsample_patients
+
+    ds = load_dataset("synthetic", split="all", image_size=32, n_images=400, n_patients=150, seed=1)
+    assignment = ds.split_assignment
+    keep = subsample_patients(ds, 200, seed=0, assignment=assignment)
+    patients = ds.records["patient_id"].to_numpy()
+    kept_patients = set(patients[keep])
+    # whole patients: every image of a kept patient is kept
+    assert set(np.flatnonzero(np.isin(patients, list(kept_patients)))) == set(keep)
+    share = {s: (assignment[keep] == s).mean() for s in ("train", "val", "test")}
+    full = {s: (assignment == s).mean() for s in ("train", "val", "test")}
+    for split in share:  # the ratio survives (the bug this guards: test and val taken first)
+        assert abs(share[split] - full[split]) < 0.06, (split, share, full)
+    assert 180 <= len(keep) <= 230
+    assert np.array_equal(keep, subsample_patients(ds, 200, seed=0, assignment=assignment))
+    assert not np.array_equal(keep, subsample_patients(ds, 200, seed=1, assignment=assignment))
+
+
+def test_subsample_dataset_keeps_each_rows_split():
+    from cxrstudy.data import load_dataset
+    from cxrstudy.data.splits import subsample_dataset, subsample_patients
+
+    ds = load_dataset("synthetic", split="all", image_size=32, n_images=120, n_patients=60, seed=2)
+    assert subsample_dataset(ds, None, seed=0) is ds and subsample_dataset(ds, 500, seed=0) is ds
+    small = subsample_dataset(ds, 40, seed=3)
+    keep = subsample_patients(ds, 40, 3, ds.split_assignment)
+    assert list(small.records["image_id"]) == list(ds.records["image_id"].iloc[keep])
+    # the subset's split of each row is the row's split in the full dataset
+    full_split = dict(zip(ds.records["image_id"], ds.split_assignment))
+    assert list(small.split_assignment) == [full_split[i] for i in small.records["image_id"]]

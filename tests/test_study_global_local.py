@@ -174,7 +174,7 @@ def test_can_arms_read_alone_together_cross_attending_and_comparisons_by_hand():
     assert "cross-attention" in table.loc["can_bce − ensemble", "isolates"]
     assert "second network" in table.loc["ensemble − single", "isolates"]
     # identical scores: DeLong cannot tell them apart; otherwise the pooled test of the pair
-    from cxrstudy.ablation import pooled_delong_p
+    from cxrstudy.metrics import pooled_delong_p
 
     assert table.loc["can_bce − ensemble", "DeLong p (micro)"] == pytest.approx(1.0)
     assert table.loc["ensemble − single", "DeLong p (micro)"] == pytest.approx(

@@ -86,7 +86,8 @@ def _run(aucs, teacher_input="high_res"):
     overall = {"macro_auc": float(np.mean(aucs)), "macro_auc_low": 0.1, "macro_auc_high": 0.9,
                "micro_auc": 0.6, "micro_auc_low": 0.5, "micro_auc_high": 0.7}
     return SimpleNamespace(per_class=per_class, overall=overall, n_params=1e6, train_seconds=2.0,
-                           extra={"teacher_input": teacher_input, "global_label": "no_finding"})
+                           extra={"teacher_input": teacher_input, "global_label": "no_finding"},
+                           tag="run", history=pd.DataFrame({"epoch": [1, 2]}))
 
 
 def test_deltas_against_the_student_alone_by_hand():

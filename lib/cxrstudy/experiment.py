@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .data import CXRDataset, load_dataset
+from .data.splits import subsample_dataset
 from .outputs import Outputs
 
 if TYPE_CHECKING:  # the schedule's type (train is imported when a model trains)
@@ -57,30 +58,6 @@ class StudyData:
         return pd.DataFrame(rows)
 
 
-def subsample_patients(dataset: CXRDataset, max_images: int, seed: int,
-                       assignment: np.ndarray | None = None) -> np.ndarray:
-    """Row indices of whole patients, about ``max_images`` rows, in a seeded draw.
-
-    With ``assignment`` the draw is made within each split in proportion to its size, so the
-    subsample keeps the train/val/test ratio. The draw uses its own random stream: reusing the
-    split's stream would select the same patients the split put first (all of test, say).
-    """
-    patients = dataset.records["patient_id"].to_numpy().astype(str)
-    groups = np.full(len(patients), "all", dtype=object) if assignment is None else np.asarray(assignment)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5AB5A3]))
-    fraction = min(1.0, max_images / max(len(patients), 1))
-    chosen: list[np.ndarray] = []
-    for group in sorted(set(groups)):
-        rows = np.flatnonzero(groups == group)
-        target = max(1, int(round(fraction * len(rows))))
-        order = rng.permutation(np.unique(patients[rows]))
-        counts = pd.Series(patients[rows]).value_counts()
-        taken = np.cumsum(counts.reindex(order).to_numpy())
-        keep_patients = set(order[: int(np.searchsorted(taken, target)) + 1])
-        chosen.append(rows[np.isin(patients[rows], list(keep_patients))])
-    return np.sort(np.concatenate(chosen))
-
-
 def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: int = 0,
                  max_images: int | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, cache: bool = True, progress: bool = True,
@@ -94,11 +71,8 @@ def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: i
     """
     full = load_dataset(dataset, data_root, split="all", image_size=image_size, seed=seed,
                         val_fraction=val_fraction, test_fraction=test_fraction, **options)
+    full = subsample_dataset(full, max_images, seed)
     assignment = np.asarray(full.split_assignment)
-    if max_images is not None and max_images < len(full):
-        keep = subsample_patients(full, int(max_images), seed, assignment)
-        full, assignment = full.subset(keep, split_name="all"), assignment[keep]
-        full.split_assignment = assignment
     if cache:
         from .data.cache import attach_cache
 
@@ -160,20 +134,6 @@ class RunResult:
     train_seconds: float
     checkpoint_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def row(self) -> dict[str, Any]:
-        """A flat row for a comparison table."""
-        o = self.overall
-        return {"model": self.tag, "params (M)": self.n_params / 1e6,
-                "macro AUC": o.get("macro_auc"), "95% CI low": o.get("macro_auc_low"),
-                "95% CI high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
-                "macro AP": o.get("macro_ap"), "epochs": int(self.history["epoch"].max()) if len(self.history) else 0,
-                "best epoch": self.extra.get("best_epoch"),
-                "train s": round(self.train_seconds, 1)}
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int = 0):
@@ -318,6 +278,7 @@ def _evaluate_and_save(result: dict[str, Any], data: StudyData, out: Outputs, *,
                        checkpoint_dir: Path, n_boot: int, seed: int) -> RunResult:
     """Test metrics with bootstrap CIs; the history table and the test predictions on disk."""
     from .metrics import summarize
+    from .models import count_parameters
 
     history, predictions = result["history"], result["predictions"]
     patient_ids = data.test.patient_ids[np.asarray(predictions.indices)]
@@ -336,44 +297,3 @@ def _evaluate_and_save(result: dict[str, Any], data: StudyData, out: Outputs, *,
                      patient_ids=patient_ids, per_class=per_class, overall=overall,
                      n_params=count_parameters(model), train_seconds=result["train_seconds"],
                      checkpoint_dir=checkpoint_dir, extra={"best_epoch": result["best_epoch"]})
-
-
-def run_metrics(runs: dict[str, RunResult]) -> dict[str, dict[str, Any]]:
-    """What ``metrics.json`` records of each run: overall metrics with CIs, per-class AUC, size,
-    epochs trained, best epoch and training time (tests and the report read these keys)."""
-    return {tag: {"overall": run.overall,
-                  "per_class_auc": dict(zip(run.per_class["class"], run.per_class["auc"])),
-                  "params": run.n_params,
-                  "epochs_trained": int(run.history["epoch"].max()) if len(run.history) else 0,
-                  "best_epoch": run.extra.get("best_epoch"),
-                  "train_seconds": run.train_seconds}
-            for tag, run in runs.items()}
-
-
-def best_run_sentence(runs: dict[str, RunResult], data: StudyData) -> str:
-    """One line naming the best macro AUC with its CI and the size of the test set."""
-    def key(run):
-        return -1.0 if run.overall.get("macro_auc") is None else run.overall["macro_auc"]
-    best = max(runs.values(), key=key)
-    o = best.overall
-    if o.get("macro_auc") is None:
-        return f"No model has a defined macro AUC on {len(data.test)} test images."
-    return (f"Best macro AUC: {best.tag} {o['macro_auc']:.3f} (95% CI {o['macro_auc_low']:.3f}–"
-            f"{o['macro_auc_high']:.3f}) on {len(data.test)} test images from "
-            f"{data.test.records['patient_id'].nunique()} patients.")
-
-
-def comparison_table(runs: dict[str, RunResult]) -> pd.DataFrame:
-    return pd.DataFrame([run.row() for run in runs.values()])
-
-
-def per_class_table(runs: dict[str, RunResult]) -> pd.DataFrame:
-    """Classes as rows; for each model its AUC and 95% CI, plus positives in the test split."""
-    first = next(iter(runs.values())).per_class
-    table = first[["class", "n_pos", "n_neg"]].copy()
-    for tag, run in runs.items():
-        pc = run.per_class.set_index("class").reindex(table["class"])
-        table[f"{tag} AUC"] = pc["auc"].to_numpy()
-        table[f"{tag} 95% CI"] = [
-            "" if pd.isna(lo) else f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(pc["auc_low"], pc["auc_high"])]
-    return table

@@ -264,12 +264,15 @@ class Outputs:
 
     def save_table(self, table: pd.DataFrame, name: str, caption: str | None = None,
                    float_format: str = "{:.3f}") -> Path:
-        """Save ``tables/<name>.csv`` (full precision) and ``.md`` (rounded, with caption)."""
+        """Save ``tables/<name>.csv`` (full precision) and ``.md`` (rounded, with caption; a
+        value and its numeric 95% CI columns shown as one ``value (low–high)`` cell)."""
         self._check_writable()
         self.tables.mkdir(parents=True, exist_ok=True)
         csv = self.tables / f"{name}.csv"
         table.to_csv(csv, index=False)
-        shown = table.copy()
+        from .display import fold_ci
+
+        shown = fold_ci(table)
         for col in shown.columns:
             if pd.api.types.is_float_dtype(shown[col]):
                 shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else float_format.format(v))

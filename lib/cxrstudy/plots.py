@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
 
+from .display import ci_columns
+
 BOX_COLOUR = "#ff3b30"
 
 
@@ -204,17 +206,16 @@ def normalised_box_grid(images: Sequence[np.ndarray], boxes: Mapping[str, np.nda
     return fig
 
 
-def metric_bars(table: pd.DataFrame, label: str, value: str, ci: str,
-                title: str = "") -> plt.Figure:
-    """Horizontal bars of ``value`` per ``label`` with the "low–high" CI strings of ``ci``."""
-    lows, highs = [], []
-    for text, v in zip(table[ci], table[value]):
-        low, high = (float(p) for p in text.split("–")) if text else (v, v)
-        lows.append(v - low)
-        highs.append(high - v)
+def metric_bars(table: pd.DataFrame, label: str, value: str = "macro AUC",
+                low: str | None = None, high: str | None = None, title: str = "") -> plt.Figure:
+    """Horizontal bars of ``value`` per ``label``, its 95% CI as error bars (none where a CI is
+    missing) from the columns ``low``/``high``, by default ``value``'s (:func:`ci_columns`)."""
+    low, high = (low, high) if low and high else ci_columns(value)
+    v, lo, hi = (table[column].astype(float).to_numpy() for column in (value, low, high))
+    err = np.vstack([v - lo, hi - v])
     fig, ax = plt.subplots(figsize=(5.5, 0.4 * len(table) + 1.0))
     y = np.arange(len(table))
-    ax.barh(y, table[value], xerr=np.vstack([lows, highs]), color="#4c72b0", capsize=3)
+    ax.barh(y, v, xerr=np.nan_to_num(err), color="#4c72b0", capsize=3)
     ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set_yticks(y, table[label], fontsize=8)
     ax.set_xlim(0.0, 1.0)
@@ -224,11 +225,12 @@ def metric_bars(table: pd.DataFrame, label: str, value: str, ci: str,
     return fig
 
 
-def auc_vs_resolution(table: pd.DataFrame, value: str = "macro AUC", low: str = "macro low",
-                      high: str = "macro high", title: str = "", x: str = "resolution",
+def auc_vs_resolution(table: pd.DataFrame, value: str = "macro AUC", low: str | None = None,
+                      high: str | None = None, title: str = "", x: str = "resolution",
                       xlabel: str = "image size (px)") -> plt.Figure:
     """One line per arm: ``value`` against ``x`` (log scale; image size, or the share of
-    training data), 95% CI as error bars."""
+    training data), 95% CI as error bars (``low``/``high``, by default ``value``'s columns)."""
+    low, high = (low, high) if low and high else ci_columns(value)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for arm, rows in table.groupby("arm", sort=False):
         rows = rows.sort_values(x)

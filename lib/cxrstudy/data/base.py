@@ -181,15 +181,17 @@ class CXRDataset(torch.utils.data.Dataset):
             return self.cache.get(self.records.at[i, "image_id"])
         return resize_uint8(self.read_image(i), self.image_size)
 
-    def boxes_for(self, i: int) -> list[dict[str, Any]]:
-        """Boxes of image ``i`` scaled to ``image_size`` pixels (per axis)."""
+    def boxes_for(self, i: int, size: int | None = None) -> list[dict[str, Any]]:
+        """Boxes of image ``i`` scaled to ``size`` pixels per axis (default ``image_size``; another
+        size places them on the image resized to it, as in a resolution strip)."""
         if len(self.boxes) == 0:
             return []
+        size = self.image_size if size is None else size
         rows = self.boxes[self.boxes["image_id"] == self.records.at[i, "image_id"]]
         out = []
         for row in rows.itertuples(index=False):
-            sx = self.image_size / float(row.space_w)
-            sy = self.image_size / float(row.space_h)
+            sx = size / float(row.space_w)
+            sy = size / float(row.space_h)
             out.append({"label": row.label, "x": row.x * sx, "y": row.y * sy,
                         "w": row.w * sx, "h": row.h * sy})
         return out

@@ -146,4 +146,42 @@ def align_splits(dataset, table: pd.DataFrame) -> np.ndarray:
     return lookup.reindex(ids).to_numpy(dtype=object)
 
 
-__all__ = ["SPLIT_NAMES", "assign_splits", "save_splits", "load_splits", "align_splits"]
+def subsample_patients(dataset, max_images: int, seed: int,
+                       assignment: np.ndarray | None = None) -> np.ndarray:
+    """Row indices of whole patients, about ``max_images`` rows, in a seeded draw.
+
+    With ``assignment`` the draw is made within each split in proportion to its size, so the
+    subsample keeps the train/val/test ratio. The draw uses its own random stream: reusing the
+    split's stream would select the same patients the split put first (all of test, say).
+    """
+    patients = dataset.records["patient_id"].to_numpy().astype(str)
+    groups = np.full(len(patients), "all", dtype=object) if assignment is None else np.asarray(assignment)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5AB5A3]))
+    fraction = min(1.0, max_images / max(len(patients), 1))
+    chosen: list[np.ndarray] = []
+    for group in sorted(set(groups)):
+        rows = np.flatnonzero(groups == group)
+        target = max(1, int(round(fraction * len(rows))))
+        order = rng.permutation(np.unique(patients[rows]))
+        counts = pd.Series(patients[rows]).value_counts()
+        taken = np.cumsum(counts.reindex(order).to_numpy())
+        keep_patients = set(order[: int(np.searchsorted(taken, target)) + 1])
+        chosen.append(rows[np.isin(patients[rows], list(keep_patients))])
+    return np.sort(np.concatenate(chosen))
+
+
+def subsample_dataset(dataset, max_images: int | None, seed: int):
+    """``dataset`` (loaded with ``split="all"``) cut to about ``max_images`` images of whole
+    patients, each split in proportion (:func:`subsample_patients`); as is when ``max_images``
+    is None or not smaller. The subset's ``split_assignment`` follows its rows."""
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    assignment = np.asarray(dataset.split_assignment)
+    keep = subsample_patients(dataset, int(max_images), seed, assignment)
+    subset = dataset.subset(keep, split_name="all")
+    subset.split_assignment = assignment[keep]
+    return subset
+
+
+__all__ = ["SPLIT_NAMES", "assign_splits", "save_splits", "load_splits", "align_splits",
+           "subsample_patients", "subsample_dataset"]

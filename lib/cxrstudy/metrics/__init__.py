@@ -8,20 +8,20 @@ Arrays are [N, C]; ``mask`` (1 = label known) or NaN in ``y_true`` marks unknown
 are excluded per class. Classes with an undefined AUC are NaN and left out of macro averages.
 """
 from .bootstrap import bootstrap_ci, group_codes, resample_counts
-from .classification import (check_inputs, f1_at_threshold, label_counts, macro_ap, macro_auc,
-                             macro_auc_weighted, micro_auc, micro_auc_weighted, midranks,
-                             per_class_ap, per_class_auc, per_class_auc_weighted, rank_auc,
-                             weighted_auc)
+from .classification import (check_inputs, constant_score_classes, f1_at_threshold,
+                             label_counts, macro_ap, macro_auc, macro_auc_weighted, micro_auc,
+                             micro_auc_weighted, midranks, per_class_ap, per_class_auc,
+                             per_class_auc_weighted, rank_auc, weighted_auc)
 from .delong import (delong_ci, delong_covariance, delong_per_class, delong_test,
-                     structural_components)
+                     pooled_delong_p, structural_components)
 from .summary import compare_models, json_ready, summarize
 
 __all__ = [
     "bootstrap_ci", "group_codes", "resample_counts",
-    "check_inputs", "f1_at_threshold", "label_counts", "macro_ap", "macro_auc",
-    "macro_auc_weighted", "micro_auc", "micro_auc_weighted", "midranks", "per_class_ap",
-    "per_class_auc", "per_class_auc_weighted", "rank_auc", "weighted_auc",
-    "delong_ci", "delong_covariance", "delong_per_class", "delong_test",
+    "check_inputs", "constant_score_classes", "f1_at_threshold", "label_counts", "macro_ap",
+    "macro_auc", "macro_auc_weighted", "micro_auc", "micro_auc_weighted", "midranks",
+    "per_class_ap", "per_class_auc", "per_class_auc_weighted", "rank_auc", "weighted_auc",
+    "delong_ci", "delong_covariance", "delong_per_class", "delong_test", "pooled_delong_p",
     "structural_components",
     "compare_models", "json_ready", "summarize",
 ]

@@ -254,3 +254,16 @@ def f1_at_threshold(y_true, y_score, mask=None, threshold=0.5) -> tuple[np.ndarr
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
     return per_class.astype(np.float64), float(_nanmean_rows(per_class))
+
+
+def constant_score_classes(scores, classes, mask=None, tol: float = 1e-7) -> list[str]:
+    """Classes whose scores do not vary over the known test images: a collapsed output, whose
+    AUC is exactly 0.5 and would otherwise hide inside a macro mean."""
+    scores = np.asarray(scores, dtype=np.float64)
+    known = np.ones_like(scores, dtype=bool) if mask is None else np.asarray(mask) > 0
+    collapsed = []
+    for c, name in enumerate(classes):
+        column = scores[known[:, c], c]
+        if len(column) and float(column.max() - column.min()) <= tol:
+            collapsed.append(str(name))
+    return collapsed

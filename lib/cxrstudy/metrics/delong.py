@@ -141,3 +141,16 @@ def delong_per_class(y_true, score_a, score_b, mask=None,
         rows.append({"class": classes[c], **result})
     columns = ["class", "n_pos", "n_neg", "auc_a", "auc_b", "diff", "var", "z", "p_value"]
     return pd.DataFrame(rows)[columns]
+
+
+def pooled_delong_p(targets, scores_a, scores_b, mask=None) -> float:
+    """DeLong p for two models' micro AUCs: every known (image, class) pair pooled.
+
+    The pairs of one image are not independent, so this p is optimistic; it is reported
+    because papers compare micro AUCs. NaN when the pooled pairs hold one label value only.
+    """
+    known = np.ones_like(np.asarray(targets), dtype=bool) if mask is None else np.asarray(mask) > 0
+    y = np.asarray(targets)[known]
+    if y.min() == y.max():
+        return float("nan")
+    return float(delong_test(y, np.asarray(scores_a)[known], np.asarray(scores_b)[known])["p_value"])

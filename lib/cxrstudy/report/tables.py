@@ -13,10 +13,14 @@ from typing import Any
 import pandas as pd
 
 from ..outputs import dropped_summary
+from ..display import ci_columns, format_ci
+from ..tables import AUC_COLUMNS, auc_columns
 from .collect import NotebookResults
 from .reference import source_label
 
-OURS = ("macro AUC", "macro low", "macro high", "micro AUC", "micro low", "micro high")
+OURS = AUC_COLUMNS
+#: The value columns of :data:`OURS` and their CI columns, joined for display.
+OUR_INTERVALS = {value: ci_columns(value) for value in ("macro AUC", "micro AUC")}
 
 
 @dataclass
@@ -41,7 +45,7 @@ class ReportTable:
             if col in self.intervals:
                 low, high = self.intervals[col]
                 shown[f"{col} (95% CI)"] = [
-                    _with_ci(v, lo, hi, digits)
+                    format_ci(v, lo, hi, digits)
                     for v, lo, hi in zip(values, self.frame[low], self.frame[high])]
             elif pd.api.types.is_float_dtype(values) or col.startswith("paper "):
                 na = "n/a" if col.startswith("paper ") else ""
@@ -59,13 +63,6 @@ def _fmt(value: Any, digits: int, na: str = "") -> str:
     if _missing(value):
         return na
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _with_ci(value, low, high, digits: int) -> str:
-    if _missing(value):
-        return ""
-    text = f"{value:.{digits}f}"
-    return text if _missing(low) or _missing(high) else f"{text} ({low:.{digits}f}–{high:.{digits}f})"
 
 
 def our_setting(nb: NotebookResults) -> dict[str, Any]:
@@ -164,10 +161,7 @@ def caption_for(paper: dict, notebooks: list[NotebookResults], what: str,
 
 def _our_row(nb: NotebookResults, tag: str, model: dict) -> dict[str, Any]:
     o = model.get("overall") or {}
-    return {"notebook": nb.name, "arm": tag,
-            "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
-            "macro high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
-            "micro low": o.get("micro_auc_low"), "micro high": o.get("micro_auc_high"),
+    return {"notebook": nb.name, "arm": tag, **auc_columns(o),
             "params (M)": model["params"] / 1e6 if model.get("params") is not None else None,
             "note": ""}
 
@@ -199,25 +193,20 @@ def paper_table(pid: str, paper: dict, results: dict[str, NotebookResults], note
     title = f"{paper.get('name', pid.upper())}: {paper['title']}"
     caption = caption_for(paper, notebooks, f"Ours against {paper['short']}: test macro and micro "
                           "AUC with patient-bootstrap 95% CIs as the notebooks wrote them", numbers, note)
-    return ReportTable(pid, title, caption, frame,
-                       {"macro AUC": ("macro low", "macro high"), "micro AUC": ("micro low", "micro high")})
+    return ReportTable(pid, title, caption, frame, OUR_INTERVALS)
 
 
 def _per_class_ci(nb: NotebookResults, tag: str) -> dict[str, tuple[float, float]]:
-    """Per-class CIs from the notebook's ``tables/per_class_auc.csv`` (``<tag> 95% CI`` cells)."""
+    """Per-class CIs from the notebook's ``tables/per_class_auc.csv`` (its ``<tag> low`` and
+    ``<tag> high`` columns, see :func:`cxrstudy.tables.per_class_table`)."""
     table = next((t for t in nb.tables if t.name == "per_class_auc"), None)
     if table is None:
         return {}
     frame = pd.read_csv(table.csv)
-    column = f"{tag} 95% CI"
-    if column not in frame or "class" not in frame:
+    low, high = ci_columns(f"{tag} AUC")
+    if low not in frame or high not in frame or "class" not in frame:
         return {}
-    out = {}
-    for cls, cell in zip(frame["class"], frame[column]):
-        if isinstance(cell, str) and "–" in cell:
-            low, high = cell.split("–")
-            out[str(cls)] = (float(low), float(high))
-    return out
+    return {str(c): (float(lo), float(hi)) for c, lo, hi in zip(frame["class"], frame[low], frame[high])}
 
 
 def per_class_table(pid: str, paper: dict, results: dict[str, NotebookResults],
@@ -235,9 +224,9 @@ def per_class_table(pid: str, paper: dict, results: dict[str, NotebookResults],
             cis = _per_class_ci(nb, tag)
             column = pd.DataFrame({"class": list(aucs), f"{tag} AUC": [
                 math.nan if v is None else v for v in aucs.values()]})
-            column[f"{tag} low"] = [cis.get(c, (math.nan, math.nan))[0] for c in aucs]
-            column[f"{tag} high"] = [cis.get(c, (math.nan, math.nan))[1] for c in aucs]
-            intervals[f"{tag} AUC"] = (f"{tag} low", f"{tag} high")
+            low, high = intervals[f"{tag} AUC"] = ci_columns(f"{tag} AUC")
+            column[low] = [cis.get(c, (math.nan, math.nan))[0] for c in aucs]
+            column[high] = [cis.get(c, (math.nan, math.nan))[1] for c in aucs]
             frame = column if frame is None else frame.merge(column, on="class", how="outer", sort=False)
     if frame is None:
         frame = pd.DataFrame({"class": []})
@@ -295,8 +284,7 @@ def baseline_table(results: dict[str, NotebookResults], notebook: str = "01_base
     if note:
         parts.append(note)
     caption = " ".join(p if p.endswith(".") else p + "." for p in parts)
-    return ReportTable("baselines", "Baselines (01)", caption, frame,
-                       {"macro AUC": ("macro low", "macro high"), "micro AUC": ("micro low", "micro high")})
+    return ReportTable("baselines", "Baselines (01)", caption, frame, OUR_INTERVALS)
 
 
 def _dropped(nb: NotebookResults) -> str:

@@ -110,8 +110,8 @@ def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None
 def comparisons(runs: Mapping[str, object]) -> pd.DataFrame:
     """One row per pair of :data:`COMPARISONS` whose two arms both ran: what the pair isolates,
     the differences in macro and micro AUC (arm − against) and DeLong's p on the pooled micro
-    pairs (optimistic: see :func:`cxrstudy.ablation.pooled_delong_p`)."""
-    from ..ablation import pooled_delong_p
+    pairs (optimistic: see :func:`cxrstudy.metrics.pooled_delong_p`)."""
+    from ..metrics import pooled_delong_p
 
     rows = []
     for arm, against, isolates in COMPARISONS:

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..tables import overall_row
+
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
     from ..experiment import RunResult, StudyData
     from ..outputs import Outputs
@@ -110,7 +112,7 @@ def bucket_table(runs: Mapping[str, object], buckets: pd.DataFrame) -> pd.DataFr
 def with_training_fraction(data: StudyData, fraction: float, seed: int = 0):
     """``data`` with the training split cut to about ``fraction`` of its patients (whole patients,
     seeded); validation and test are left as they are, so every fraction is tested alike."""
-    from ..experiment import subsample_patients
+    from ..data.splits import subsample_patients
 
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -192,11 +194,10 @@ def label_efficiency(data: StudyData, out: Outputs, fractions: Sequence[float], 
             runs = train_arms(subset, out, arms, schedule, suffix=f"_{fraction:g}", seed=seed,
                               **arm_kwargs)
         for arm, run in runs.items():
-            o = run.overall
+            row = overall_row(run)
             rows.append({"arm": arm, "fraction": fraction, "train images": len(subset.train),
                          "train patients": int(subset.train.records["patient_id"].nunique()),
-                         "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
-                         "macro high": o.get("macro_auc_high")})
+                         **{column: row[column] for column in ("macro AUC", "macro low", "macro high")}})
     return pd.DataFrame(rows)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..data.labels import canonical
 from ..models import patch_size_for
+from ..tables import AUC_COLUMNS, overall_row, run_metrics
 from ..train.mlcak import DEFAULT_GAMMA
 
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
@@ -163,10 +164,8 @@ def train_student(arm: str, data: StudyData, out: Outputs, schedule: Schedule | 
 
 
 def arm_metrics(runs: Mapping[tuple[str, int], object]) -> dict[str, dict]:
-    """:func:`cxrstudy.experiment.run_metrics` keyed ``<arm>_<size>``, plus each run's
+    """:func:`cxrstudy.tables.run_metrics` keyed ``<arm>_<size>``, plus each run's
     ``teacher_input`` (None: no teacher) and ``global_label`` rule (None: no global task)."""
-    from ..experiment import run_metrics
-
     keyed = {f"{arm}_{size}": run for (arm, size), run in runs.items()}
     metrics = run_metrics(keyed)
     for key, run in keyed.items():
@@ -180,15 +179,10 @@ def resolution_table(runs: Mapping[tuple[str, int], object]) -> pd.DataFrame:
     micro AUC with 95% CIs, size, time."""
     rows = []
     for (arm, size), run in runs.items():
-        o = run.overall
-        extra = getattr(run, "extra", None) or {}
+        row = overall_row(run)
         rows.append({"arm": arm, "resolution": int(size),
-                     "teacher input": extra.get("teacher_input") or NO_TEACHER,
-                     "params (M)": run.n_params / 1e6,
-                     "macro AUC": o.get("macro_auc"), "macro low": o.get("macro_auc_low"),
-                     "macro high": o.get("macro_auc_high"), "micro AUC": o.get("micro_auc"),
-                     "micro low": o.get("micro_auc_low"), "micro high": o.get("micro_auc_high"),
-                     "train s": round(run.train_seconds, 1)})
+                     "teacher input": run.extra.get("teacher_input") or NO_TEACHER,
+                     **{column: row[column] for column in ("params (M)", *AUC_COLUMNS, "train s")}})
     return pd.DataFrame(rows).sort_values(["arm", "resolution"]).reset_index(drop=True)
 
 

@@ -258,7 +258,7 @@ def authors_baseline_check(run: RunResult, data: StudyData) -> dict:
     training loss can go below it when every label is known (``all_labels_known``), however
     long the model trains. ``collapsed`` lists the classes whose test scores are all equal.
     """
-    from ..ablation import constant_score_classes
+    from ..metrics import constant_score_classes
 
     targets, masks = np.asarray(data.train.targets), np.asarray(data.train.masks)
     losses = run.history["train_loss"].astype(float)
@@ -280,7 +280,7 @@ _GAIN_STEPS = (
 def paper_gain_parts(table: pd.DataFrame) -> pd.DataFrame:
     """What the paper's +0.19 (M5 + MXA + KD over its baseline) is made of, on our arms.
 
-    From an :func:`cxrstudy.ablation.ablation_table`: the micro-AUC difference that fixing the
+    From an :func:`cxrstudy.tables.ablation_table`: the micro-AUC difference that fixing the
     double sigmoid makes (authors_baseline → baseline), what MXA + KD add over a baseline trained
     correctly (baseline → mxa_kd), and their sum, the paper's own comparison (authors_baseline →
     mxa_kd) beside the paper's +0.19. Steps whose arms did not run are left out.
