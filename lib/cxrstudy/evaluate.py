@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .display import format_ci
 from .files import write_json_atomic
 from .models import create_model
 from .models.pretrained import load_exact
@@ -159,14 +160,11 @@ def main_evaluate(args) -> int:
         print(f"cxrstudy evaluate: {exc}", file=sys.stderr)
         return 2
     overall = result["overall"]
-
-    def fmt(value):
-        return "n/a" if value is None else f"{value:.4f}"
-
+    auc = format_ci(overall["macro_auc"], overall["macro_auc_low"], overall["macro_auc_high"],
+                    digits=4, label="95% CI ")
     print(f"{result['model']} on {result['dataset']}/{result['split']} "
           f"({result['n_images']} images, {len(result['matched_classes'])} matched classes): "
-          f"macro AUC {fmt(overall['macro_auc'])} "
-          f"[{fmt(overall['macro_auc_low'])}, {fmt(overall['macro_auc_high'])}]")
+          f"macro AUC {auc or 'n/a'}")
     if result["unmatched_model_classes"]:
         print("  model classes without a dataset label: "
               + ", ".join(result["unmatched_model_classes"]))
