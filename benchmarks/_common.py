@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,19 +15,10 @@ from typing import Any, Sequence
 
 def move_previous(out: Path, names: Sequence[str]) -> Path | None:
     """Move an earlier run's ``names`` in ``out`` to ``out/_previous/<timestamp>/``; that folder."""
+    from cxrstudy.files import move_aside
+
     existing = [out / name for name in names if (out / name).exists()]
-    if not existing:
-        return None
-    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    target = out / "_previous" / stamp
-    suffix = 1
-    while target.exists():
-        target = out / "_previous" / f"{stamp}-{suffix}"
-        suffix += 1
-    target.mkdir(parents=True)
-    for path in existing:
-        shutil.move(str(path), str(target / path.name))
-    return target
+    return move_aside(existing, out / "_previous" / datetime.now().strftime("%Y%m%dT%H%M%S"))
 
 
 def cpu_name() -> str:

@@ -140,3 +140,29 @@ def test_the_attention_maps_come_from_the_balance_arm_first(arms, shown):
 
     runs = dict.fromkeys(arms)
     assert study.arm_with_maps(runs) == shown
+
+
+def test_earlier_outputs_are_moved_aside_never_mixed_with_another_run(tmp_path, monkeypatch):
+    from cxrstudy import runner
+
+    monkeypatch.setattr(runner.time, "strftime", lambda fmt: "20250101-120000")
+    run = tmp_path / "tiny" / "01_baseline"
+    for attempt in ("first", "second"):  # two reruns within the same second
+        (run / "figures").mkdir(parents=True)
+        (run / "figures" / "roc.png").write_text(attempt)
+        (run / "metrics.json").write_text("{}")
+        runner.archive_previous(run, "fingerprint", log=lambda message: None)
+        assert list(run.iterdir()) == []
+    previous = tmp_path / "tiny" / "_previous"
+    assert sorted(p.name for p in previous.iterdir()) == ["01_baseline-20250101-120000",
+                                                          "01_baseline-20250101-120000-1"]
+    assert (previous / "01_baseline-20250101-120000/figures/roc.png").read_text() == "first"
+    assert (previous / "01_baseline-20250101-120000-1/figures/roc.png").read_text() == "second"
+    assert (previous / "01_baseline-20250101-120000-1/metrics.json").is_file()
+
+
+def test_move_aside_makes_nothing_when_there_is_nothing_to_move(tmp_path):
+    from cxrstudy.files import move_aside
+
+    assert move_aside([], tmp_path / "_previous" / "stamp") is None
+    assert not (tmp_path / "_previous").exists()

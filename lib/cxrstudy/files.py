@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,4 +48,24 @@ def write_json_atomic(path: str | Path, data: Any, *, indent: int = 2, sort_keys
     return path
 
 
-__all__ = ["atomic_path", "write_json_atomic"]
+def move_aside(paths: Iterable[str | Path], archive: str | Path) -> Path | None:
+    """Move ``paths`` into the new folder ``archive`` (``archive-1``, ``-2``, … when that name is
+    taken, so two runs in the same second never mix), before a rerun writes its own: nothing
+    earlier is overwritten. Returns the folder; None (and nothing made) when ``paths`` is empty."""
+    import shutil
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return None
+    archive = target = Path(archive)
+    suffix = 1
+    while target.exists():
+        target = archive.with_name(f"{archive.name}-{suffix}")
+        suffix += 1
+    target.mkdir(parents=True)
+    for path in paths:
+        shutil.move(str(path), str(target / path.name))
+    return target
+
+
+__all__ = ["atomic_path", "move_aside", "write_json_atomic"]

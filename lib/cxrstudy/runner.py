@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import NotebookSpec, discover_notebooks, notebook_dependencies, resolve_parameters
+from .files import move_aside
 from .outputs import Outputs, dropped_summary, profile_dir, write_json_atomic
 from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
@@ -205,9 +206,8 @@ def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> P
         log(f"    resuming in place: the last run of these parameters was {record['status']} "
             f"({output_dir})")
         return None
-    target = outputs.archive_dir(time.strftime("%Y%m%d-%H%M%S"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    output_dir.rename(target)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = move_aside(sorted(output_dir.iterdir()), outputs.archive_dir(stamp))
     log(f"    earlier outputs moved to {target}")
     return target
 
