@@ -251,7 +251,9 @@ class Outputs:
         return self.splits_file
 
     def save_figure(self, fig, name: str, caption: str | None = None) -> Path:
-        """Save ``fig`` as ``figures/<name>.png`` and ``.svg``; returns the PNG path."""
+        """Save ``fig`` as ``figures/<name>.png`` and ``.svg``, and ``caption`` (one sentence
+        on what it shows; the report puts it under the figure) as ``figures/<name>.txt``;
+        returns the PNG path."""
         self._check_writable()
         self.figures.mkdir(parents=True, exist_ok=True)
         caption = self._caption(caption)
@@ -260,22 +262,38 @@ class Outputs:
         png = self.figures / f"{name}.png"
         fig.savefig(png, dpi=120, bbox_inches="tight")
         fig.savefig(self.figures / f"{name}.svg", bbox_inches="tight")
+        text = self.figure_caption_file(png)
+        if caption:
+            with files.atomic_path(text) as temp:
+                temp.write_text(caption.strip() + "\n")
+        else:  # no caption now: an earlier one of this name would describe another figure
+            text.unlink(missing_ok=True)
         return png
 
+    @staticmethod
+    def figure_caption_file(png: str | os.PathLike) -> Path:
+        """Where :meth:`save_figure` keeps a figure's caption: beside it, ``<name>.txt``."""
+        return Path(png).with_suffix(".txt")
+
+    @classmethod
+    def figure_caption(cls, png: str | os.PathLike) -> str | None:
+        """The caption saved with the figure ``png``, or None when it has none."""
+        text = cls.figure_caption_file(png)
+        caption = text.read_text().strip() if text.is_file() else ""
+        return caption or None
+
     def save_table(self, table: pd.DataFrame, name: str, caption: str | None = None,
-                   float_format: str = "{:.3f}") -> Path:
-        """Save ``tables/<name>.csv`` (full precision) and ``.md`` (rounded, with caption; a
-        value and its numeric 95% CI columns shown as one ``value (low–high)`` cell)."""
+                   digits: int = 3) -> Path:
+        """Save ``tables/<name>.csv`` (full precision) and ``.md`` (``digits`` decimals, learning
+        rates and tiny numbers in e-notation, with caption; a value and its numeric 95% CI
+        columns shown as one ``value (low–high)`` cell)."""
         self._check_writable()
         self.tables.mkdir(parents=True, exist_ok=True)
         csv = self.tables / f"{name}.csv"
         table.to_csv(csv, index=False)
-        from .display import fold_ci
+        from .display import fold_ci, format_numbers
 
-        shown = fold_ci(table)
-        for col in shown.columns:
-            if pd.api.types.is_float_dtype(shown[col]):
-                shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else float_format.format(v))
+        shown = format_numbers(fold_ci(table, digits), digits)
         caption = self._caption(caption)
         text = (f"{caption}\n\n" if caption else "") + markdown_table(shown) + "\n"
         (self.tables / f"{name}.md").write_text(text)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import html
 import os
 import re
+import struct
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 
+from ..display import format_number, format_numbers, is_learning_rate
+from ..outputs import Outputs
 from .collect import NotebookResults
 from .tables import ReportTable, status_table
 
@@ -27,10 +30,20 @@ table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.85rem}
 th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left;vertical-align:top}
 th{background:#f3f3f3}caption{caption-side:top;text-align:left;font-size:.85rem;color:#444;
 padding-bottom:.3rem}.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5rem 1rem}
-.missing{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5rem;max-width:46%}
-figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8rem}
-nav a{margin-right:.8rem}details{margin:.5rem 0}code{font-size:.85rem}
+.missing{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5rem;max-width:46%;
+vertical-align:top}figure.wide{display:block;max-width:100%;margin:.5rem 0}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8rem;overflow-wrap:anywhere}
+.table-wrap{overflow-x:auto;max-width:100%}.table-wrap caption{white-space:normal}
+nav a{margin-right:.8rem}details{margin:.5rem 0}summary{cursor:pointer}code{font-size:.85rem}
 """
+#: A figure at least this wide (px), or a many-panel one (at least ``GRID_MIN_WIDTH`` wide and
+#: ``GRID_MIN_PIXELS`` in all), is shown at the page's full width instead of beside another.
+WIDE_PX = 1100
+GRID_MIN_WIDTH = 700
+GRID_MIN_PIXELS = 1_000_000
+#: Tables named ``history_<tag>`` (one per training run) are folded into one collapsed block.
+HISTORY_PREFIX = "history_"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def href(target: Path, page: Path) -> str:
@@ -44,19 +57,61 @@ def _e(text: object) -> str:
 
 
 def frame_html(frame: pd.DataFrame, caption: str | None = None) -> str:
+    """The table in a horizontally scrolling box, so a wide one never widens the page."""
     head = "".join(f"<th>{_e(c)}</th>" for c in frame.columns)
     body = "".join("<tr>" + "".join(f"<td>{_e('' if pd.isna(v) else v)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
     cap = f"<caption>{_e(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _rounded(frame: pd.DataFrame, digits: int) -> pd.DataFrame:
-    shown = frame.copy()
-    for col in shown.columns:
-        if pd.api.types.is_float_dtype(shown[col]):
-            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}f}")
-    return shown
+    return format_numbers(frame, digits)
+
+
+def png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of a PNG from its header; None for a file that is not a readable PNG."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
+def is_wide(size: tuple[int, int] | None) -> bool:
+    """A figure too wide, or with too many panels, to read at half the page."""
+    if size is None:
+        return False
+    width, height = size
+    return width >= WIDE_PX or (width >= GRID_MIN_WIDTH and width * height >= GRID_MIN_PIXELS)
+
+
+def readable_stem(name: str) -> str:
+    """A figure's file name as words, for one saved without a caption: ``per_class_auc`` → ``per
+    class auc``."""
+    return re.sub(r"[_\s]+", " ", name).strip()
+
+
+def figure_html(fig: Path, page: Path, notebook: str) -> str:
+    """One figure: the PNG (linking to itself), its SVG when there is one, and its caption
+    (:meth:`Outputs.figure_caption`; the file name as words when it was saved without one)."""
+    svg = fig.with_suffix(".svg")
+    extra = f' (<a href="{href(svg, page)}">svg</a>)' if svg.is_file() else ""
+    caption = Outputs.figure_caption(fig) or readable_stem(fig.stem)
+    wide = ' class="wide"' if is_wide(png_size(fig)) else ""
+    return (f'<figure{wide}><a href="{href(fig, page)}"><img src="{href(fig, page)}" '
+            f'alt="{_e(notebook)}: {_e(caption)}"></a>'
+            f"<figcaption>{_e(caption)}{extra}</figcaption></figure>")
+
+
+def _parameter(name: str, value: object) -> str:
+    if isinstance(value, float) and value != 0 and (is_learning_rate(name) or abs(value) < 1e-3):
+        return f"{name}={format_number(value, 6, name)}"
+    return f"{name}={value!r}"
 
 
 def _anchor(name: str) -> str:
@@ -66,6 +121,22 @@ def _anchor(name: str) -> str:
 def _links(paths: dict[str, Path], page: Path) -> str:
     return " · ".join(f'<a href="{href(p, page)}">{_e(fmt)}</a>' for fmt, p in paths.items()
                       if Path(p).is_file())
+
+
+def _table_html(table, page: Path, digits: int) -> str:
+    frame = pd.read_csv(table.csv)
+    links = _links({"csv": table.csv, "md": table.markdown} if table.markdown else
+                   {"csv": table.csv}, page)
+    return f"<h3>{_e(table.name)}</h3><p>{links}</p>\n" + frame_html(_rounded(frame, digits), table.caption)
+
+
+def _histories_html(tables: list, page: Path, digits: int) -> str:
+    """The per-run training histories, folded into one collapsed block: read on demand, they
+    would otherwise bury the notebook's results under one table per arm."""
+    runs = "run" if len(tables) == 1 else "runs"
+    inner = "\n".join(_table_html(t, page, digits) for t in tables)
+    return (f'<details class="histories"><summary>Training histories ({len(tables)} {runs})</summary>\n'
+            f"{inner}\n</details>")
 
 
 def _notebook_section(nb: NotebookResults, page: Path, digits: int) -> str:
@@ -81,22 +152,18 @@ def _notebook_section(nb: NotebookResults, page: Path, digits: int) -> str:
     out.append(f"<p>status: {status} · {links}</p>")
     if nb.provenance.get("error"):
         out.append(f"<pre>{_e(nb.provenance['error'][:2000])}</pre>")
-    for fig in nb.figures:
-        svg = fig.with_suffix(".svg")
-        extra = f' (<a href="{href(svg, page)}">svg</a>)' if svg.is_file() else ""
-        out.append(f'<figure><a href="{href(fig, page)}"><img src="{href(fig, page)}" '
-                   f'alt="{_e(nb.name)}: {_e(fig.stem)}"></a>'
-                   f"<figcaption>{_e(fig.stem)}{extra}</figcaption></figure>")
+    out += [figure_html(fig, page, nb.name) for fig in nb.figures]
+    histories = [t for t in nb.tables if t.name.startswith(HISTORY_PREFIX)]
     for table in nb.tables:
-        frame = pd.read_csv(table.csv)
-        links = _links({"csv": table.csv, "md": table.markdown} if table.markdown else
-                       {"csv": table.csv}, page)
-        out.append(f"<h3>{_e(table.name)}</h3><p>{links}</p>")
-        out.append(frame_html(_rounded(frame, digits), table.caption))
+        if table.name.startswith(HISTORY_PREFIX):
+            if table is histories[0]:
+                out.append(_histories_html(histories, page, digits))
+            continue
+        out.append(_table_html(table, page, digits))
     prov = nb.provenance
     if prov:
         packages = ", ".join(f"{k} {v}" for k, v in sorted((prov.get("packages") or {}).items()) if v)
-        params = ", ".join(f"{k}={v!r}" for k, v in sorted((prov.get("params") or {}).items())
+        params = ", ".join(_parameter(k, v) for k, v in sorted((prov.get("params") or {}).items())
                            if k != "output_dir")
         git = prov.get("git") or {}
         device = prov.get("device") or {}
@@ -159,4 +226,5 @@ def is_report_page(path: Path, profile: str | None = None) -> bool:
     return profile is None or f'<meta name="cxrstudy-profile" content="{html.escape(profile)}">' in head
 
 
-__all__ = ["GENERATOR", "frame_html", "href", "is_report_page", "render_index"]
+__all__ = ["GENERATOR", "figure_html", "frame_html", "href", "is_report_page", "is_wide", "png_size",
+           "readable_stem", "render_index"]

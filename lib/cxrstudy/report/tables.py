@@ -2,7 +2,9 @@
 ``metrics.json``, with their 95% CIs; nothing is recomputed) beside the paper's reported ones.
 
 A caption says where each paper number comes from, which are not available and why, and — when
-our dataset, resolution or model is not the paper's — what differs.
+our dataset, resolution or model is not the paper's — what differs. The profile's note (e.g. the
+tiny profile's "the numbers say nothing") is kept apart from the caption: the page shows it once
+at the top, a table's own files (Markdown, LaTeX) carry it for when they are read alone.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ..outputs import dropped_summary
-from ..display import ci_columns, format_ci
+from ..display import ci_columns, format_ci, format_number
 from ..tables import AUC_COLUMNS, auc_columns
 from .collect import NotebookResults
 from .reference import source_label
@@ -26,13 +28,23 @@ OUR_INTERVALS = {value: ci_columns(value) for value in ("macro AUC", "micro AUC"
 @dataclass
 class ReportTable:
     """A table of the report: ``frame`` holds full-precision numbers (the CSV); ``intervals``
-    maps a value column to its (low, high) columns, which the display forms join into one cell."""
+    maps a value column to its (low, high) columns, which the display forms join into one cell;
+    ``note``: the profile's note, for the table's files read alone (see :attr:`full_caption`)."""
 
     name: str
     title: str
     caption: str
     frame: pd.DataFrame
     intervals: dict[str, tuple[str, str]] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def full_caption(self) -> str:
+        """The caption followed by the profile's note: for a file read without the page."""
+        note = self.note.strip()
+        if not note:
+            return self.caption
+        return f"{self.caption} {note if note.endswith('.') else note + '.'}"
 
     def display(self, digits: int = 3) -> pd.DataFrame:
         """Rounded, with ``value (low–high)`` cells and ``n/a`` where a paper gives no number."""
@@ -49,7 +61,7 @@ class ReportTable:
                     for v, lo, hi in zip(values, self.frame[low], self.frame[high])]
             elif pd.api.types.is_float_dtype(values) or col.startswith("paper "):
                 na = "n/a" if col.startswith("paper ") else ""
-                shown[col] = [_fmt(v, digits, na) for v in values]
+                shown[col] = [_fmt(v, digits, na, col) for v in values]
             else:
                 shown[col] = ["" if _missing(v) else str(v) for v in values]
         return shown.reset_index(drop=True)
@@ -59,10 +71,10 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _fmt(value: Any, digits: int, na: str = "") -> str:
+def _fmt(value: Any, digits: int, na: str = "", name: str = "") -> str:
     if _missing(value):
         return na
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return format_number(value, digits, name)
 
 
 def our_setting(nb: NotebookResults) -> dict[str, Any]:
@@ -143,7 +155,7 @@ def _footnotes(paper: dict, numbers: list[dict]) -> list[str]:
 
 
 def caption_for(paper: dict, notebooks: list[NotebookResults], what: str,
-                numbers: list[dict], note: str = "") -> str:
+                numbers: list[dict]) -> str:
     parts = [f"{what}. Paper: {paper['citation']}."]
     parts += _footnotes(paper, numbers)
     missing = [f"{nb.name} ({_status_note(nb)})" for nb in notebooks if _status_note(nb)]
@@ -154,8 +166,6 @@ def caption_for(paper: dict, notebooks: list[NotebookResults], what: str,
         parts.append(warn)
     if any(our_setting(nb)["synthetic"] for nb in notebooks if nb.metrics):
         parts.append("SYNTHETIC DATA (procedural phantom, not radiographs).")
-    if note:
-        parts.append(note)
     return " ".join(p if p.endswith(".") else p + "." for p in parts)
 
 
@@ -192,8 +202,8 @@ def paper_table(pid: str, paper: dict, results: dict[str, NotebookResults], note
         frame = frame.drop(columns="note")
     title = f"{paper.get('name', pid.upper())}: {paper['title']}"
     caption = caption_for(paper, notebooks, f"Ours against {paper['short']}: test macro and micro "
-                          "AUC with patient-bootstrap 95% CIs as the notebooks wrote them", numbers, note)
-    return ReportTable(pid, title, caption, frame, OUR_INTERVALS)
+                          "AUC with patient-bootstrap 95% CIs as the notebooks wrote them", numbers)
+    return ReportTable(pid, title, caption, frame, OUR_INTERVALS, note)
 
 
 def _per_class_ci(nb: NotebookResults, tag: str) -> dict[str, tuple[float, float]]:
@@ -234,8 +244,9 @@ def per_class_table(pid: str, paper: dict, results: dict[str, NotebookResults],
         values = n.get("value") if isinstance(n.get("value"), dict) else {}
         frame[f"paper {n['metric']}"] = [values.get(c, math.nan) for c in frame["class"]]
     caption = caption_for(paper, notebooks, f"Per-class test AUC with 95% CIs against "
-                          f"{paper['short']}", numbers, note)
-    return ReportTable(f"{pid}_per_class", f"{paper.get('name', pid.upper())}: per-class AUC", caption, frame, intervals)
+                          f"{paper['short']}", numbers)
+    return ReportTable(f"{pid}_per_class", f"{paper.get('name', pid.upper())}: per-class AUC", caption, frame,
+                       intervals, note)
 
 
 def parameter_table(pid: str, paper: dict, results: dict[str, NotebookResults],
@@ -263,8 +274,9 @@ def parameter_table(pid: str, paper: dict, results: dict[str, NotebookResults],
     frame["paper with (M)"] = [reported.get(m, {}).get("with_mxa", math.nan) for m in frame["model"]]
     counted = [nb for nb in notebooks if nb.metrics.get("parameters")]
     caption = caption_for(paper, counted or notebooks, "Parameter counts (millions) without and "
-                          "with the block, ours beside the paper's", numbers, note)
-    return ReportTable(f"{pid}_parameters", f"{paper.get('name', pid.upper())}: parameter counts", caption, frame)
+                          "with the block, ours beside the paper's", numbers)
+    return ReportTable(f"{pid}_parameters", f"{paper.get('name', pid.upper())}: parameter counts", caption, frame,
+                       note=note)
 
 
 def baseline_table(results: dict[str, NotebookResults], notebook: str = "01_baseline",
@@ -281,10 +293,8 @@ def baseline_table(results: dict[str, NotebookResults], notebook: str = "01_base
         parts.append(f"{o['dataset']}, {o['size']}")
     if _status_note(nb):
         parts.append(f"{notebook} {_status_note(nb)}")
-    if note:
-        parts.append(note)
     caption = " ".join(p if p.endswith(".") else p + "." for p in parts)
-    return ReportTable("baselines", "Baselines (01)", caption, frame, OUR_INTERVALS)
+    return ReportTable("baselines", "Baselines (01)", caption, frame, OUR_INTERVALS, note)
 
 
 def _dropped(nb: NotebookResults) -> str:

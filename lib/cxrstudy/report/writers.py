@@ -24,7 +24,7 @@ def latex_table(table: ReportTable, digits: int = 3) -> str:
     shown = table.display(digits)
     align = "".join("l" if i < 2 else "r" for i in range(len(shown.columns)))
     lines = [r"\begin{table}[htbp]", r"\centering", r"\small",
-             rf"\caption{{{latex_escape(table.caption)}}}",
+             rf"\caption{{{latex_escape(table.full_caption)}}}",
              rf"\label{{tab:{latex_escape(table.name).replace(chr(92) + '_', '-')}}}",
              rf"\begin{{tabular}}{{{align}}}", r"\toprule",
              " & ".join(latex_escape(c) for c in shown.columns) + r" \\", r"\midrule"]
@@ -33,8 +33,10 @@ def latex_table(table: ReportTable, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_report_table(table: ReportTable, digits: int = 3) -> str:
-    return f"**{table.title}**\n\n{table.caption}\n\n{markdown_table(table.display(digits))}\n"
+def markdown_report_table(table: ReportTable, digits: int = 3, note: bool = True) -> str:
+    """Title, caption, table and — ``note``, for a file read alone — the profile's note below."""
+    text = f"**{table.title}**\n\n{table.caption}\n\n{markdown_table(table.display(digits))}\n"
+    return text + (f"\n{table.note.strip()}\n" if note and table.note.strip() else "")
 
 
 def write_table(table: ReportTable, folder: Path, digits: int = 3) -> dict[str, Path]:
