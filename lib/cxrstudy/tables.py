@@ -157,7 +157,9 @@ def save_per_class(out: Outputs, runs: Mapping[str, RunResult], dataset: str) ->
     table = per_class_table(runs)
     out.save_table(table, "per_class_auc",
                    caption=f"Per-class ROC-AUC (95% patient-bootstrap CI) of every model, {dataset} test split")
-    out.save_figure(plots.auc_forest({k: r.per_class for k, r in runs.items()}), "per_class_auc")
+    out.save_figure(plots.auc_forest({k: r.per_class for k, r in runs.items()}), "per_class_auc",
+                    caption=f"Per-class test AUC of every model, {dataset} test split; "
+                    "error bars: patient-bootstrap 95% CI")
     return table
 
 

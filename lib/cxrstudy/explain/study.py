@@ -157,7 +157,7 @@ def evidence_panels(result: Explanations, kind: str, method: str = "Grad-CAM"
         if key in result.maps.get(method, {}):
             maps[f"{key}\n{method}"] = result.maps[method][key]
         if own["boxes"] is not None:
-            predicted[f"{key} ROI"] = own["boxes"]
+            predicted[f"{key}: predicted ROI box"] = own["boxes"]
         else:
             maps[f"{key}\n{own['label']}"] = own["maps"]
     return maps, predicted
@@ -197,6 +197,10 @@ def localization_metrics(result: Explanations, table: pd.DataFrame) -> dict:
 
 
 
+def _evidence_label(result: Explanations, kind: str) -> str:
+    return next((own["label"] for own in result.evidence.values() if own["kind"] == kind), kind)
+
+
 def save_figures(out: Outputs, result: Explanations, methods: Sequence[str]) -> list[str]:
     """Save one figure per CAM method (every model on the same images, true boxes in red) and
     one per kind of own evidence (Grad-CAM beside it); returns the figure names written."""
@@ -209,13 +213,14 @@ def save_figures(out: Outputs, result: Explanations, methods: Sequence[str]) -> 
             name = "cams_" + method.replace("+", "p")
             out.save_figure(plots.map_overlays(result.images, result.maps[label], result.titles,
                                                boxes=result.boxes),
-                            name, caption=f"{label} of every model on the same images")
+                            name, caption=f"{label} of every model on the same images, annotated boxes drawn")
             written.append(name)
     for kind in sorted({own["kind"] for own in result.evidence.values()}):
         maps, predicted = evidence_panels(result, kind)
         out.save_figure(plots.maps_with_predicted_boxes(result.images, maps, result.titles,
                                                         result.boxes, predicted),
-                        f"evidence_{kind}", caption=f"Grad-CAM beside the models' own evidence ({kind})")
+                        f"evidence_{kind}", caption=f"Grad-CAM beside the models' own evidence "
+                        f"({_evidence_label(result, kind)}) on the same images, annotated boxes drawn")
         written.append(f"evidence_{kind}")
     return written
 

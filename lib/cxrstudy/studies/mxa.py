@@ -380,9 +380,28 @@ def prepare_teacher(teacher: str, data: StudyData, out: Outputs, schedule: Sched
     return module, {"teacher": teacher, "overall": overall, "per_class": per_class}
 
 
+def roi_figure(model: torch.nn.Module, dataset, n_images: int):
+    """The ROI boxes the first and the last MXA block predict on ``n_images`` of ``dataset``
+    (images with annotated boxes first, those drawn in red), each block in the legend by a
+    reader's name (:func:`cxrstudy.models.mxa.block_label`, e.g. "MXA, stage 1 block 1")."""
+    from .. import plots
+    from ..explain.evidence import uint8_images
+    from ..explore import boxed_first
+    from ..models.mxa import block_label, roi_boxes
+
+    chosen = boxed_first(dataset, n_images)
+    images = torch.stack([dataset[i]["image"] for i in chosen])
+    predicted = roi_boxes(model, images)
+    ends = list(dict.fromkeys(list(predicted)[:1] + list(predicted)[-1:]))
+    return plots.normalised_box_grid(uint8_images(images), {block_label(n): predicted[n] for n in ends},
+                                     [dataset.meta(i)["image_id"] for i in chosen],
+                                     truth=[dataset.meta(i)["boxes"] for i in chosen])
+
+
 __all__ = ["ARMS", "Arm", "arm_model", "paper_entry", "paper_parameters_m", "paper_micro_auc",
            "paper_gain", "authors_n_parameters",
            "arms_table", "parameter_counts", "authors_parameter_counts", "AUTHORS_RUNS",
            "train_arm", "prepare_teacher", "sibling_run",
            "paper_micro_auc_by_arm", "VIEWS",
-           "view_options", "authors_baseline_check", "paper_gain_parts", "paper_gain_sentence"]
+           "view_options", "authors_baseline_check", "paper_gain_parts", "paper_gain_sentence",
+           "roi_figure"]
