@@ -137,8 +137,12 @@ def test_every_table_scrolls_in_its_own_box(tmp_path):
     out.save_table(pd.DataFrame({f"column {k}": [0.5] for k in range(30)}), "wide", caption="A wide table")
     html = _page(tmp_path / "tiny")
     assert html.count("<table>") >= 2  # the runs table and ours
-    assert html.count('<div class="table-wrap"><table>') == html.count("<table>")
+    assert html.count('<div class="table-wrap"><table') == html.count("<table")
     assert ".table-wrap{overflow-x:auto" in html
+    # a long caption keeps a readable width even over a narrow table; a short one does not
+    assert html.count('<table class="long-caption">') == 0
+    out.save_table(pd.DataFrame({"a": [1]}), "narrow", caption="word " * 60)
+    assert _page(tmp_path / "tiny").count('<table class="long-caption"><caption>word word') == 1
 
 
 # --- training histories folded -----------------------------------------------------------------

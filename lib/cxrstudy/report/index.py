@@ -34,6 +34,7 @@ padding-bottom:.3rem}.note{background:#fff4d6;border-left:4px solid #e0a800;padd
 vertical-align:top}figure.wide{display:block;max-width:100%;margin:.5rem 0}
 figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8rem;overflow-wrap:anywhere}
 .table-wrap{overflow-x:auto;max-width:100%}.table-wrap caption{white-space:normal}
+table.long-caption caption{min-width:min(48rem,90vw)}
 nav a{margin-right:.8rem}details{margin:.5rem 0}summary{cursor:pointer}code{font-size:.85rem}
 """
 #: A figure at least this wide (px), or a many-panel one (at least ``GRID_MIN_WIDTH`` wide and
@@ -41,6 +42,9 @@ nav a{margin-right:.8rem}details{margin:.5rem 0}summary{cursor:pointer}code{font
 WIDE_PX = 1100
 GRID_MIN_WIDTH = 700
 GRID_MIN_PIXELS = 1_000_000
+#: A table caption longer than this (characters) sets a minimum width: a narrow table would
+#: otherwise squeeze it into a column of a few words a line.
+LONG_CAPTION = 160
 #: Tables named ``history_<tag>`` (one per training run) are folded into one collapsed block.
 HISTORY_PREFIX = "history_"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -62,7 +66,8 @@ def frame_html(frame: pd.DataFrame, caption: str | None = None) -> str:
     body = "".join("<tr>" + "".join(f"<td>{_e('' if pd.isna(v) else v)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
     cap = f"<caption>{_e(caption)}</caption>" if caption else ""
-    return (f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+    long = ' class="long-caption"' if caption and len(caption) > LONG_CAPTION else ""
+    return (f'<div class="table-wrap"><table{long}>{cap}<thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table></div>")
 
 
