@@ -457,7 +457,7 @@ def test_student_alone_and_interpolated_grids():
 @pytest.fixture
 def two_sizes():
     """The same synthetic split at 16 px (student) and 32 px (teacher), caches attached."""
-    from cxrstudy.studies.low_resolution import prepare_resolutions
+    from cxrstudy.studies.mlcak import prepare_resolutions
 
     return prepare_resolutions("synthetic", None, [16, 32], seed=0, max_images=40,
                                progress=False, n_images=40, n_patients=20)

@@ -136,7 +136,7 @@ def test_open_study_loads_the_data_then_records_its_split(tmp_path):
     (["single", "ensemble"], None),
 ])
 def test_the_attention_maps_come_from_the_balance_arm_first(arms, shown):
-    from cxrstudy.studies import cross_attention as study
+    from cxrstudy.studies import can as study
 
     runs = dict.fromkeys(arms)
     assert study.arm_with_maps(runs) == shown

@@ -52,7 +52,7 @@ def test_nih_reads_back_with_official_lists_and_boxes(miniature):
     from PIL import Image
 
     ds = load_dataset("nih", miniature, split="all", image_size=32, views=None)
-    assert ds.is_synthetic
+    assert ds.synthetic
     assert set(ds.records["official_split"]) == {"train", "test"}
     assert len(ds.boxes) >= 4
     boxed = set(ds.boxes["image_id"])
@@ -101,7 +101,7 @@ def test_chexpert_layout_quirks_and_valid_stand_in(miniature):
 
 def test_chexpert_reads_back_all_views(miniature):
     ds = load_dataset("chexpert", miniature, split="all", image_size=32, views="all")
-    assert ds.is_synthetic
+    assert ds.synthetic
     assert set(ds.records["official_split"]) == {"train", "test"}
     assert "Lateral" in set(ds.records["view"])
     assert ds[0]["image"].shape == (1, 32, 32)
@@ -133,7 +133,7 @@ def test_vindr_layout_and_dicoms(miniature):
 
 def test_vindr_reads_back_with_boxes_in_dicom_space(miniature):
     ds = load_dataset("vindr", miniature, split="all", image_size=32)
-    assert ds.is_synthetic and ds.layout == "physionet"
+    assert ds.synthetic and ds.layout == "physionet"
     assert set(ds.records["official_split"]) == {"train", "test"}
     positives = np.nansum(ds.labels == 1, axis=0)
     kaggle = [ds.classes.index(c) for c in VINDR_KAGGLE_CLASSES]
@@ -248,4 +248,4 @@ def test_a_release_without_the_marker_is_not_synthetic(miniature, tmp_path):
 
     copy = shutil.copytree(miniature / "CheXpert-v1.0-small", tmp_path / "CheXpert-v1.0-small")
     (copy / SYNTHETIC_MARKER).unlink()
-    assert not load_dataset("chexpert", tmp_path, split="all", image_size=32).is_synthetic
+    assert not load_dataset("chexpert", tmp_path, split="all", image_size=32).synthetic

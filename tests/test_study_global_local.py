@@ -9,7 +9,7 @@ import torch
 from cxrstudy.experiment import prepare_data
 from cxrstudy.explain.evidence import disease_maps
 from cxrstudy.models import create_model
-from cxrstudy.studies import cross_attention as can_study
+from cxrstudy.studies import can as can_study
 from cxrstudy.studies import glori as study
 
 

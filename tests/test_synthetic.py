@@ -17,7 +17,7 @@ def phantom():
 
 
 def test_shape_and_identity(phantom):
-    assert phantom.is_synthetic and "SYNTHETIC" in repr(phantom)
+    assert phantom.synthetic and "SYNTHETIC" in repr(phantom)
     assert len(phantom) == 96 and phantom.classes == NIH_CLASSES
     assert phantom.records["patient_id"].nunique() == 48            # n_images // 2
     assert phantom.read_image(0).shape == (32, 32) and phantom.read_image(0).dtype == np.uint8

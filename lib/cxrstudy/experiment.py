@@ -88,7 +88,7 @@ def prepare_data(dataset: str, data_root=None, image_size: int = 224, *, seed: i
                              "use more images or other split fractions")
         parts[name] = full.subset(rows, split_name=name)
     data = StudyData(classes=list(full.classes), image_size=int(image_size), dataset=dataset,
-                     synthetic=bool(getattr(full, "is_synthetic", False)),
+                     synthetic=bool(getattr(full, "synthetic", False)),
                      dropped_images=dict(getattr(full, "dropped_images", {})), **parts)
     return data
 

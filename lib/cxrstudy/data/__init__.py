@@ -103,7 +103,7 @@ def load_dataset(
     strict = paths.strict_images() if strict is None else bool(strict)
     full = adapter(root=root, image_size=image_size, strict=strict, **options)
     if marked_synthetic(full):
-        full.is_synthetic = True
+        full.synthetic = True
     assignment = assign_splits(full, seed=seed, val_fraction=val_fraction,
                                test_fraction=test_fraction)
     full.split_assignment = assignment

@@ -106,7 +106,7 @@ class CXRDataset(torch.utils.data.Dataset):
     records: pd.DataFrame
     labels: np.ndarray
     boxes: pd.DataFrame
-    is_synthetic: bool = False
+    synthetic: bool = False
 
     def __init__(self, image_size: int = 224, strict: bool = False):
         if int(image_size) < 8:
@@ -252,7 +252,7 @@ class CXRDataset(torch.utils.data.Dataset):
                              "unknown": unk, "prevalence": prev})
 
     def __repr__(self) -> str:
-        synthetic = " SYNTHETIC" if self.is_synthetic else ""
+        synthetic = " SYNTHETIC" if self.synthetic else ""
         return (f"{self.__class__.__name__}(name={self.name!r}, split={self.split_name!r}, "
                 f"images={len(self)}, patients={self.records['patient_id'].nunique()}, "
                 f"classes={self.num_classes}, image_size={self.image_size}{synthetic})")

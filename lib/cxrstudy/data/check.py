@@ -111,7 +111,7 @@ def _summarise_tables(report: CheckReport, dataset) -> None:
     unlabelled = int(np.isnan(dataset.labels).all(axis=1).sum()) if dataset.labels.size else 0
     if unlabelled:
         report.notes.append(f"{unlabelled} images have no known label at all")
-    if getattr(dataset, "is_synthetic", False):
+    if getattr(dataset, "synthetic", False):
         report.notes.append("this dataset is SYNTHETIC (generated images, not radiographs)")
     boxes = getattr(dataset, "boxes", None)
     if boxes is not None and len(boxes):

@@ -89,7 +89,7 @@ class Scene:
 
 
 class SyntheticDataset(CXRDataset):
-    """Deterministic phantom chest X-rays (``is_synthetic=True``; never real data).
+    """Deterministic phantom chest X-rays (``synthetic=True``; never real data).
 
     ``n_images`` images of ``n_patients`` patients (default ``n_images // 2``), labels over
     ``classes`` (default NIH_CLASSES; a "No Finding"-like class is 1 exactly when no other
@@ -98,7 +98,7 @@ class SyntheticDataset(CXRDataset):
     """
 
     name = "synthetic"
-    is_synthetic = True
+    synthetic = True
 
     def __init__(self, root=None, image_size: int = 224, strict: bool = False,
                  n_images: int = 256, n_patients: int | None = None,

@@ -11,7 +11,7 @@ import torch
 
 from cxrstudy.models import create_model
 from cxrstudy.models.attention_maps import cls_attention, minmax_per_image
-from cxrstudy.studies import low_resolution as study
+from cxrstudy.studies import mlcak as study
 from cxrstudy.train import Schedule
 
 
