@@ -112,6 +112,7 @@ def test_png_size_comes_from_the_header(tmp_path):
     ((1100, 300), True),
     ((1099, 300), False),
     ((812, 1465), True),    # a grid of many panels
+    ((1001, 917), True),    # a 14 × 14 heatmap: its numbers need the room
     ((705, 719), False),    # a forest plot: reads well at half the page
     ((475, 7441), False),   # a narrow strip stays narrow (full width would make it huge)
     (None, False),
@@ -304,3 +305,26 @@ def test_evidence_legend_names_the_model_and_the_box():
     maps, predicted = evidence_panels(result, "mxa")
     assert list(predicted) == ["02_mxa/mxa: predicted ROI box"]
     assert list(maps) == ["02_mxa/mxa\nGrad-CAM"]
+
+
+def test_an_arm_two_notebooks_share_gets_one_column_each_in_the_per_class_table(tmp_path):
+    """02 and 03 both train a "baseline": the per-class table names each by its notebook
+    instead of pandas' ``_x``/``_y`` suffixes."""
+    from cxrstudy.report.tables import per_class_table
+
+    classes = ["Atelectasis", "Effusion"]
+    for name, aucs in (("02_mxa", [0.6, 0.7]), ("03_knowledge_distillation", [0.5, 0.8])):
+        out = Outputs(tmp_path / "tiny" / name)
+        out.save_metrics(dataset="nih-sample", image_size=64, backbone="efficientvit_m0", models={
+            "baseline": {"per_class_auc": dict(zip(classes, aucs))},
+            "only_" + name[:2]: {"per_class_auc": dict(zip(classes, aucs))}})
+    paper = {"citation": "A paper", "short": "A", "notebooks": ["02_mxa", "03_knowledge_distillation"],
+             "setting": {"dataset": "CheXpert", "dataset_id": "chexpert", "model": "M5"},
+             "numbers": [{"metric": "per-class AUC", "setting": "s", "value": {"Effusion": 0.9},
+                          "source": {"where": "table 2"}}]}
+    table = per_class_table("mxa", paper, collect(tmp_path / "tiny", []))
+    assert list(table.display().columns) == [
+        "class", "baseline (02) AUC (95% CI)", "only_02 AUC (95% CI)", "baseline (03) AUC (95% CI)",
+        "only_03 AUC (95% CI)", "paper per-class AUC"]
+    row = table.frame.set_index("class").loc["Effusion"]
+    assert (row["baseline (02) AUC"], row["baseline (03) AUC"], row["paper per-class AUC"]) == (0.7, 0.8, 0.9)

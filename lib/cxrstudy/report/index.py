@@ -33,7 +33,8 @@ padding-bottom:.3rem}.note{background:#fff4d6;border-left:4px solid #e0a800;padd
 .missing{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5rem;max-width:46%;
 vertical-align:top}figure.wide{display:block;max-width:100%;margin:.5rem 0}
 figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8rem;overflow-wrap:anywhere}
-.table-wrap{overflow-x:auto;max-width:100%}.table-wrap caption{white-space:normal}
+.table-wrap{overflow-x:auto;max-width:100%}
+.table-wrap caption{white-space:normal;position:sticky;left:0;max-width:min(70rem,calc(100vw - 3rem))}
 table.long-caption caption{min-width:min(48rem,90vw)}
 nav a{margin-right:.8rem}details{margin:.5rem 0}summary{cursor:pointer}code{font-size:.85rem}
 """
@@ -41,7 +42,7 @@ nav a{margin-right:.8rem}details{margin:.5rem 0}summary{cursor:pointer}code{font
 #: ``GRID_MIN_PIXELS`` in all), is shown at the page's full width instead of beside another.
 WIDE_PX = 1100
 GRID_MIN_WIDTH = 700
-GRID_MIN_PIXELS = 1_000_000
+GRID_MIN_PIXELS = 800_000
 #: A table caption longer than this (characters) sets a minimum width: a narrow table would
 #: otherwise squeeze it into a column of a few words a line.
 LONG_CAPTION = 160

@@ -228,13 +228,16 @@ def per_class_table(pid: str, paper: dict, results: dict[str, NotebookResults],
     notebooks = [results.get(n) or NotebookResults(n, None, "missing") for n in paper["notebooks"]]
     frame = None
     intervals = {}
+    tags = [tag for nb in notebooks for tag in (nb.metrics.get("models") or {})]
     for nb in notebooks:
         for tag, model in (nb.metrics.get("models") or {}).items():
             aucs = model.get("per_class_auc") or {}
             cis = _per_class_ci(nb, tag)
-            column = pd.DataFrame({"class": list(aucs), f"{tag} AUC": [
+            # an arm two notebooks share (02's and 03's "baseline") is named with its notebook
+            arm = tag if tags.count(tag) == 1 else f"{tag} ({nb.name[:2]})"
+            column = pd.DataFrame({"class": list(aucs), f"{arm} AUC": [
                 math.nan if v is None else v for v in aucs.values()]})
-            low, high = intervals[f"{tag} AUC"] = ci_columns(f"{tag} AUC")
+            low, high = intervals[f"{arm} AUC"] = ci_columns(f"{arm} AUC")
             column[low] = [cis.get(c, (math.nan, math.nan))[0] for c in aucs]
             column[high] = [cis.get(c, (math.nan, math.nan))[1] for c in aucs]
             frame = column if frame is None else frame.merge(column, on="class", how="outer", sort=False)
