@@ -244,6 +244,16 @@ def test_save_table_markdown_shows_learning_rates_in_e_notation(tmp_path):
     assert shown["lr"].tolist() == ["6.79e-05", "1e-04"] and shown["epoch"].tolist() == [1, 2]
 
 
+def test_a_notebook_table_shows_each_ci_in_one_cell_as_its_markdown_does(tmp_path):
+    out = Outputs(tmp_path / "tiny/01_baseline")
+    out.save_table(pd.DataFrame({"class": ["Mass"], "a AUC": [0.6504], "a low": [0.5], "a high": [0.7],
+                                 "p": [0.00002]}), "per_class_auc", caption="Per class")
+    html = _page(tmp_path / "tiny")
+    assert "<th>a AUC (95% CI)</th><th>p</th>" in html and "<th>a low</th>" not in html
+    assert "<td>Mass</td><td>0.650 (0.500–0.700)</td><td>2e-05</td>" in html
+    assert "| Mass | 0.650 (0.500–0.700) | 2e-05 |" in (out.tables / "per_class_auc.md").read_text()
+
+
 def test_report_tables_and_parameters_show_learning_rates_in_e_notation(tmp_path):
     out = Outputs(tmp_path / "tiny/02_mxa")
     out.save_metrics(models={})

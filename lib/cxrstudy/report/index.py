@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from ..display import format_number, format_numbers, is_learning_rate
+from ..display import fold_ci, format_number, format_numbers, is_learning_rate
 from ..outputs import Outputs
 from .collect import NotebookResults
 from .tables import ReportTable, status_table
@@ -73,7 +73,8 @@ def frame_html(frame: pd.DataFrame, caption: str | None = None) -> str:
 
 
 def _rounded(frame: pd.DataFrame, digits: int) -> pd.DataFrame:
-    return format_numbers(frame, digits)
+    """As the Markdown shows it: a value and its CI columns in one cell, numbers rounded."""
+    return format_numbers(fold_ci(frame, digits), digits)
 
 
 def png_size(path: Path) -> tuple[int, int] | None:
