@@ -105,7 +105,9 @@ frame.addEventListener("load", async () => {
       ids: [...doc.querySelectorAll("[id]")].map((e) => e.id)
         .concat([...doc.querySelectorAll("a[name]")].map((e) => e.name)),
       tables: [...doc.querySelectorAll("table")].map((t) => ({
-        caption: t.caption ? t.caption.innerText : "",
+        // textContent: a table in a folded <details> (the training histories) draws nothing
+        // until opened, and innerText would read its caption as empty
+        caption: t.caption ? t.caption.textContent : "",
         rows: t.rows.length})),
       headings: [...doc.querySelectorAll("h1,h2,h3,h4")].map((h) => h.innerText),
     });
