@@ -14,6 +14,7 @@ test can tell which image landed in which cache row.
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,25 @@ from PIL import Image
 from cxrstudy.data.base import CXRDataset, read_image_file
 
 FAKE_CLASSES = ["Alpha", "Beta", "Gamma"]
+
+#: the repository root (tests live in layer folders below tests/, at different depths)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_notebook(folder, name, params_source, depends_on=None):
+    """A minimal study notebook ``<folder>/<name>.ipynb``: a title, the ``parameters`` cell with
+    ``params_source``, one code cell; ``depends_on`` goes into its cxrstudy metadata."""
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": ["# title"]},
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_source,
+         "outputs": [], "execution_count": None},
+        {"cell_type": "code", "metadata": {}, "source": "x = 1", "outputs": [], "execution_count": None},
+    ]
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    if depends_on:
+        meta["cxrstudy"] = {"depends_on": depends_on}
+    (folder / f"{name}.ipynb").write_text(json.dumps(
+        {"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
 
 
 def labelled_batches(n: int, size: int, n_classes: int, seed: int = 0, batch: int = 4) -> list[dict]:

@@ -9,7 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-REPO = Path(__file__).resolve().parents[1]
+from _fakes import REPO, write_notebook  # noqa: E402  (after the offline switch)
+
 
 
 def _missing(reason: str) -> None:
@@ -65,3 +66,17 @@ def tiny_results(nih_sample_root, tmp_path_factory):
     statuses = {r.name: (r.status, r.error) for r in outcome}
     assert all(s == "ok" for s, _ in statuses.values()), statuses
     return results_dir / "tiny", logs
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Two small notebooks (01 depends on 00) and a tiny profile, for config and runner tests."""
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir(), params.mkdir()
+    write_notebook(nbs, "00_explore", 'profile = "x"\noutput_dir = ""\nimage_size = 224\nseed = 0\n'
+                                      'gallery = 2\nroot = None\n')
+    write_notebook(nbs, "01_train", 'profile = "x"\noutput_dir = ""\nimage_size = 224\nseed = 0\n'
+                                    'lr = 0.001\nmodels = ["a"]\nuse_ema = False\n', ["00_explore"])
+    (params / "tiny.yaml").write_text(
+        "description: t\nshared:\n  image_size: 64\n  seed: 3\nnotebooks:\n  01_train:\n    lr: 0.01\n")
+    return nbs, params

@@ -15,7 +15,7 @@ from cxrstudy import cli
 from cxrstudy.report import reference
 from cxrstudy.report.build import ReportError, build_report
 from cxrstudy.runner import run_notebooks
-from test_config import write_notebook
+from _fakes import write_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion"]

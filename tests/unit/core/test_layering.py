@@ -7,8 +7,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from _fakes import REPO
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "cxrstudy"
+PACKAGE = REPO / "lib" / "cxrstudy"
 
 #: top-level module or subpackage → layer (0 = depends on nothing of ours).
 LAYERS = {

@@ -5,7 +5,6 @@ import pytest
 
 from cxrstudy.config import ConfigError
 from cxrstudy.runner import run_notebooks
-from test_config import study  # noqa: F401  (fixture)
 
 
 class RecordingExecutor:

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _fakes import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the environment running the tests is the one `make lab` should use
 START_TIMEOUT_S = 180    # JupyterLab takes seconds to start, more on a busy 2-core machine
 STOP_TIMEOUT_S = 60

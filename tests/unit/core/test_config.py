@@ -5,33 +5,7 @@ import pytest
 
 from cxrstudy.config import (ConfigError, discover_notebooks, parameters_cell, parse_override,
                              read_parameter_defaults, resolve_parameters)
-
-
-def write_notebook(folder, name, params_source, depends_on=None):
-    cells = [
-        {"cell_type": "markdown", "metadata": {}, "source": ["# title"]},
-        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_source,
-         "outputs": [], "execution_count": None},
-        {"cell_type": "code", "metadata": {}, "source": "x = 1", "outputs": [], "execution_count": None},
-    ]
-    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
-    if depends_on:
-        meta["cxrstudy"] = {"depends_on": depends_on}
-    (folder / f"{name}.ipynb").write_text(json.dumps(
-        {"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
-
-
-@pytest.fixture
-def study(tmp_path):
-    nbs, params = tmp_path / "notebooks", tmp_path / "params"
-    nbs.mkdir(), params.mkdir()
-    write_notebook(nbs, "00_explore", 'profile = "x"\noutput_dir = ""\nimage_size = 224\nseed = 0\n'
-                                      'gallery = 2\nroot = None\n')
-    write_notebook(nbs, "01_train", 'profile = "x"\noutput_dir = ""\nimage_size = 224\nseed = 0\n'
-                                    'lr = 0.001\nmodels = ["a"]\nuse_ema = False\n', ["00_explore"])
-    (params / "tiny.yaml").write_text(
-        "description: t\nshared:\n  image_size: 64\n  seed: 3\nnotebooks:\n  01_train:\n    lr: 0.01\n")
-    return nbs, params
+from _fakes import write_notebook
 
 
 def test_precedence_default_shared_section_override(study):

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from _fakes import REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_memory.py"
+SCRIPT = REPO / "benchmarks" / "cache_memory.py"
 
 
 @pytest.fixture(scope="module")

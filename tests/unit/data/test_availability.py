@@ -8,7 +8,7 @@ from cxrstudy.data import availability
 from cxrstudy.data.availability import DataUnavailableError, ensure_available
 from cxrstudy.data.download import OfflineError
 from cxrstudy.runner import run_notebooks
-from test_config import write_notebook
+from _fakes import write_notebook
 
 
 def offline(*args, **kwargs):

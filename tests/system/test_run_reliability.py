@@ -11,7 +11,7 @@ from cxrstudy import cli
 from cxrstudy.config import ConfigError, discover_notebooks, resolve_parameters
 from cxrstudy.data.availability import DataUnavailableError
 from cxrstudy.runner import RunLock, RunLockedError, describe_failure, run_notebooks
-from test_config import study  # noqa: F401  (fixture)
+from _fakes import REPO
 
 
 def run(study_dirs, tmp_path, executor, **kw):
@@ -177,7 +177,7 @@ def test_help_answers_without_importing_torch():
 def test_make_clean_results_removes_the_profile_and_its_archive():
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     profile = f"pytest-clean-{os.getpid()}"
     archived = repo / "results" / profile / "_previous" / "01_baseline-20261203" / "last.pt"
     archived.parent.mkdir(parents=True)
