@@ -16,8 +16,8 @@ from cxrstudy.report import reference
 from cxrstudy.report.build import ReportError, build_report
 from cxrstudy.runner import run_notebooks
 from _fakes import write_notebook
+from _fakes import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion"]
 PNG_1PX = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                         "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082")
