@@ -343,6 +343,17 @@ def sibling_run(spec: str, out: Outputs, data: StudyData) -> Path:
     return folder
 
 
+def teacher_sentence(result: dict) -> str:
+    """One line on the teacher :func:`prepare_teacher` evaluated: its macro AUC with the 95% CI
+    and its micro AUC on this notebook's test split."""
+    from ..display import format_ci
+
+    o = result["overall"]
+    return (f"Teacher {result['teacher']}: macro AUC "
+            f"{format_ci(o.get('macro_auc'), o.get('macro_auc_low'), o.get('macro_auc_high'), label='95% CI ')}, "
+            f"micro AUC {format_ci(o.get('micro_auc'), None, None)}")
+
+
 def prepare_teacher(teacher: str, data: StudyData, out: Outputs, schedule: Schedule | None = None,
                     *, teacher_model: str = "densenet121", n_boot: int = 1000, seed: int = 0,
                     **train_kwargs):
@@ -398,7 +409,7 @@ def roi_figure(model: torch.nn.Module, dataset, n_images: int):
                                      truth=[dataset.meta(i)["boxes"] for i in chosen])
 
 
-__all__ = ["ARMS", "Arm", "arm_model", "paper_entry", "paper_parameters_m", "paper_micro_auc",
+__all__ = ["ARMS", "Arm", "arm_model", "teacher_sentence", "paper_entry", "paper_parameters_m", "paper_micro_auc",
            "paper_gain", "authors_n_parameters",
            "arms_table", "parameter_counts", "authors_parameter_counts", "AUTHORS_RUNS",
            "train_arm", "prepare_teacher", "sibling_run",

@@ -256,3 +256,15 @@ def test_the_paper_reference_is_read_on_access_not_on_import(monkeypatch):
     assert fresh.PAPER_GAIN == 0.19 and read[0] == "values_by_prefix"  # on first access
     monkeypatch.undo()
     importlib.reload(study)
+
+
+def test_the_teacher_sentence_gives_the_macro_ci_and_the_micro_auc():
+    from cxrstudy.studies.mxa import teacher_sentence
+
+    result = {"teacher": "own densenet121",
+              "overall": {"macro_auc": 0.6543, "macro_auc_low": 0.6012, "macro_auc_high": 0.7111,
+                          "micro_auc": 0.7}}
+    assert teacher_sentence(result) == ("Teacher own densenet121: macro AUC 0.654 "
+                                        "(95% CI 0.601–0.711), micro AUC 0.700")
+    result["overall"]["macro_auc_low"] = None  # no CI (e.g. one class only): the value alone
+    assert "macro AUC 0.654, micro" in teacher_sentence(result)
