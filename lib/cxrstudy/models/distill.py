@@ -40,14 +40,11 @@ def _output_width(head: nn.Module) -> int:
     return linears[-1].out_features
 
 
-class DistilledClassifier(SecondHeadModel):
+class DistilledClassifier(SecondHeadModel, attribute="head_dist", kind="a distillation head"):
     """``backbone`` plus a distillation head on its pooled features (see module docstring).
 
     State-dict keys: ``backbone.*`` (the original model's) and ``head_dist.*``.
     """
-
-    head_kind = "a distillation head"
-    second_head_name = "head_dist"
 
     new_head = staticmethod(fresh_copy)
 

@@ -77,10 +77,15 @@ class SecondHeadModel(nn.Module):
     (:mod:`cxrstudy.models.multitask`) share. Subclasses register their head after
     ``super().__init__``, so ``backbone.*`` comes first in the parameters and state dict."""
 
-    #: what the subclass adds, for the error when a wrapped model is wrapped again
-    head_kind = "a second head"
-    #: the attribute (and state-dict prefix) of the second head
+    #: the attribute (and state-dict prefix) of the second head, and what it is (for the error
+    #: when a wrapped model is wrapped again); a subclass names both in its class statement:
+    #: ``class DistilledClassifier(SecondHeadModel, attribute="head_dist", kind="a distillation head")``
     second_head_name = "head_second"
+    head_kind = "a second head"
+
+    def __init_subclass__(cls, *, attribute: str, kind: str, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.second_head_name, cls.head_kind = attribute, kind
 
     def __init__(self, backbone: nn.Module):
         if isinstance(backbone, type(self)):

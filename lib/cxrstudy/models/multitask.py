@@ -70,14 +70,11 @@ def _narrow(linear: nn.Linear) -> nn.Linear:
     return out
 
 
-class MultiTaskClassifier(SecondHeadModel):
+class MultiTaskClassifier(SecondHeadModel, attribute="head_global", kind="a global head"):
     """``backbone`` plus a global (normal vs abnormal) head on its pooled features.
 
     State-dict keys: ``backbone.*`` (the original model's) and ``head_global.*``.
     """
-
-    head_kind = "a global head"
-    second_head_name = "head_global"
 
     new_head = staticmethod(_one_logit_head)
 
