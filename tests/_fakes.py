@@ -6,7 +6,8 @@ Two flavours, both real :class:`CXRDataset` subclasses:
   missing and corrupt files are genuine files on disk.
 - :class:`GeneratedCXR` draws each image from its id in memory (no files), for large counts.
 
-:func:`labelled_batches` gives trainer tests ready-made batches (image, target, mask, index).
+:func:`labelled_batches` gives trainer tests ready-made batches (image, target, mask, index);
+:func:`save_best_checkpoint` writes a model as a completed run's ``best.pt``.
 
 Every image is recognisable: its pixels are a function of its row in the fabricated release, so a
 test can tell which image landed in which cache row.
@@ -59,6 +60,16 @@ def labelled_batches(n: int, size: int, n_classes: int, seed: int = 0, batch: in
                     "target": (torch.rand(batch, n_classes, generator=g) > 0.5).float(),
                     "mask": mask, "index": torch.arange(b * batch, (b + 1) * batch)})
     return out
+
+
+def save_best_checkpoint(path, model, class_names=("A", "B")) -> Path:
+    """``model`` saved as a completed run's ``best.pt`` (weights, its ``cxr_config``, class
+    names), as the trainer writes it: what the checkpoint loaders read back."""
+    from cxrstudy.train import save_checkpoint
+
+    save_checkpoint({"kind": "best", "epoch": 1, "model": model.state_dict(), "ema": None,
+                     "model_config": model.cxr_config, "class_names": list(class_names)}, path)
+    return Path(path)
 
 
 def fake_pixels(number: int, size: int) -> np.ndarray:

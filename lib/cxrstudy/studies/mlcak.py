@@ -258,8 +258,20 @@ def attention_figure(runs: Mapping[tuple[str, int], object], data: Mapping[int, 
     return uint8_images(teacher_images), maps, ids
 
 
+def resolution_strip(data: Mapping[int, StudyData], sizes: Iterable[int], index: int
+                     ) -> tuple[dict[int, np.ndarray], dict[int, list], str]:
+    """One test image at every loading size, for :func:`cxrstudy.plots.resolution_strip`: the
+    uint8 pixels per size, its boxes per size (in that size's pixels) and its image id."""
+    from ..explain.evidence import uint8_images
+
+    sizes = list(sizes)
+    images = {size: uint8_images(data[size].test[index]["image"][None])[0] for size in sizes}
+    boxes = {size: data[size].test.meta(index)["boxes"] for size in sizes}
+    return images, boxes, data[sizes[0]].test.meta(index)["image_id"]
+
+
 __all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER",
            "prepare_resolutions", "open_resolutions",
            "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
            "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas",
-           "attention_figure"]
+           "attention_figure", "resolution_strip"]

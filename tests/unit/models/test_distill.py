@@ -12,7 +12,7 @@ from cxrstudy.models.distill import (DistilledClassifier, DistilledOutput, add_d
                                      is_distilled)
 from cxrstudy.train import Schedule, TrainConfig, load_checkpoint, masked_bce, seed_everything
 from cxrstudy.train.distillation import DistillationTrainer, distillation_bce, kd_loss
-from _fakes import labelled_batches
+from _fakes import labelled_batches, save_best_checkpoint
 
 CLASSES = 3
 SIZE = 16
@@ -228,13 +228,10 @@ def test_bad_models_are_refused_with_a_reason():
 
 def test_create_model_distilled_rebuilds_from_a_checkpoint(tmp_path):
     from cxrstudy.train.checkpoint import load_model_from_checkpoint
-    from cxrstudy.train import save_checkpoint
 
     model = create_model("resnet18", num_classes=2, in_chans=1, image_size=32, distilled=True)
     assert isinstance(model, DistilledClassifier) and model.cxr_config["distilled"]
-    save_checkpoint({"kind": "best", "epoch": 1, "model": model.state_dict(), "ema": None,
-                     "model_config": model.cxr_config, "class_names": ["A", "B"]},
-                    tmp_path / "best.pt")
+    save_best_checkpoint(tmp_path / "best.pt", model)
     rebuilt, _ = load_model_from_checkpoint(tmp_path / "best.pt")
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():

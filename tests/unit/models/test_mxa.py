@@ -16,6 +16,7 @@ from torch import nn
 from cxrstudy.models import count_parameters, create_model
 from cxrstudy.models.mxa import (MXAAtBlockInput, MXABlock, MXAMixer, add_mxa, crop_to_boxes,
                                  last_boxes, mxa_blocks, pixel_bounds)
+from _fakes import save_best_checkpoint
 
 
 def _logit(p: float) -> float:
@@ -261,13 +262,10 @@ def test_both_placements_hold_the_same_parameters_under_the_same_names():
 
 def test_block_input_checkpoint_rebuilds_with_its_placement(tmp_path):
     from cxrstudy.train.checkpoint import load_model_from_checkpoint
-    from cxrstudy.train import save_checkpoint
 
     model = _randomise(create_model("efficientvit_m0_mxa", num_classes=2, image_size=64,
                                     mxa_placement="block_input"))
-    save_checkpoint({"kind": "best", "epoch": 1, "model": model.state_dict(), "ema": None,
-                     "model_config": model.cxr_config, "class_names": ["A", "B"]},
-                    tmp_path / "best.pt")
+    save_best_checkpoint(tmp_path / "best.pt", model)
     rebuilt, _ = load_model_from_checkpoint(tmp_path / "best.pt")
     assert rebuilt.mxa_config["placement"] == "block_input"
     x = torch.rand(2, 1, 64, 64)
@@ -465,15 +463,12 @@ def test_bad_settings_are_named():
 def test_distilled_mxa_student_wraps_the_mxa_model_and_rebuilds_from_its_checkpoint(tmp_path):
     from cxrstudy.train.checkpoint import load_model_from_checkpoint
     from cxrstudy.models import DistilledClassifier
-    from cxrstudy.train import save_checkpoint
 
     model = create_model("efficientvit_m0_mxa", num_classes=2, image_size=64, distilled=True)
     assert isinstance(model, DistilledClassifier)
     assert len(mxa_blocks(model.backbone)) == 6  # the head goes onto the model with MXA in place
     assert model.cxr_config["kwargs"]["distilled"] is True
-    save_checkpoint({"kind": "best", "epoch": 1, "model": model.state_dict(), "ema": None,
-                     "model_config": model.cxr_config, "class_names": ["A", "B"]},
-                    tmp_path / "best.pt")
+    save_best_checkpoint(tmp_path / "best.pt", model)
     rebuilt, _ = load_model_from_checkpoint(tmp_path / "best.pt")
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():

@@ -185,3 +185,14 @@ def test_attention_figure_shows_the_teacher_and_one_student_on_the_same_test_ima
     assert ids == [data[16].test.meta(i)["image_id"] for i in (0, 2)]  # the same images
     _, alone_only, _ = study.attention_figure(runs, data, [0], 32, [16], ["alone"])
     assert list(alone_only) == ["teacher 32 px", "alone 16 px"]
+
+
+def test_resolution_strip_gives_one_test_image_at_every_size():
+    data = study.prepare_resolutions("synthetic", None, [16, 32], seed=0, max_images=40,
+                                     progress=False, n_images=40, n_patients=20)
+    images, boxes, image_id = study.resolution_strip(data, [16, 32], 3)
+    assert {size: image.shape for size, image in images.items()} == {16: (16, 16), 32: (32, 32)}
+    pixels = data[32].test[3]["image"][0].numpy()
+    assert images[32].dtype == np.uint8 and np.array_equal(images[32], (pixels * 255).astype(np.uint8))
+    assert boxes == {size: data[size].test.meta(3)["boxes"] for size in (16, 32)}
+    assert image_id == data[16].test.meta(3)["image_id"] == data[32].test.meta(3)["image_id"]

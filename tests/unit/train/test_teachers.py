@@ -13,8 +13,9 @@ from cxrstudy.models import PretrainedWeightsUnavailable, create_model
 from cxrstudy.models.teachers import (CheckpointTeacher, TXVTeacher, txv_chexpert_mapping,
                                       txv_class_mapping, txv_pathologies, txv_preprocess,
                                       txv_weight_path)
-from cxrstudy.train import save_checkpoint, seed_everything
+from cxrstudy.train import seed_everything
 from cxrstudy.train.teachers import load_teacher
+from _fakes import save_best_checkpoint
 
 # xrv's output slots for densenet121-res224-chex ("" = output not trained for these weights)
 CHEX_SLOTS = ["Atelectasis", "Consolidation", "", "Pneumothorax", "Edema", "", "", "Effusion",
@@ -189,15 +190,10 @@ def test_cached_txv_weights_load_offline(tmp_path, monkeypatch):
     assert calibrated.model.op_threshs is not None and calibrated.outputs_are_probabilities()
 
 
-def _save_run(path, model, class_names):
-    save_checkpoint({"kind": "best", "epoch": 1, "model": model.state_dict(), "ema": None,
-                     "model_config": model.cxr_config, "class_names": class_names}, path)
-
-
 def test_our_checkpoint_as_teacher_reorders_classes_and_resizes(tmp_path):
     seed_everything(0)
     model = create_model("resnet18", num_classes=3, in_chans=1, image_size=32).eval()
-    _save_run(tmp_path / "teacher" / "best.pt", model, ["Effusion", "Mass", "Hernia"])
+    save_best_checkpoint(tmp_path / "teacher" / "best.pt", model, ["Effusion", "Mass", "Hernia"])
     student_classes = ["Hernia", "Pleural Effusion", "Nodule"]
     teacher = load_teacher(tmp_path / "teacher", 3, student_classes)
     assert isinstance(teacher, CheckpointTeacher)
@@ -222,6 +218,6 @@ def test_teacher_names_and_class_counts_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no weights"):
         load_teacher("txv-densenet999", 14, CHEXPERT_CLASSES)
     model = create_model("resnet18", num_classes=2, in_chans=1, image_size=32)
-    _save_run(tmp_path / "best.pt", model, ["Mass", "Hernia"])
+    save_best_checkpoint(tmp_path / "best.pt", model, ["Mass", "Hernia"])
     with pytest.raises(ValueError, match="share no class"):
         load_teacher(tmp_path / "best.pt", 2, ["Edema", "Fracture"])
