@@ -118,6 +118,9 @@ def load_dataset(
     return dataset
 
 
+from .availability import usable_dataset  # noqa: E402  (a notebook's dataset, offline included)
+
 __all__ = ["CXRDataset", "CorruptImageError", "collate", "load_dataset", "register_dataset",
+           "usable_dataset",
            "marked_synthetic", "SYNTHETIC_MARKER",
            "list_datasets", "dataset_class", "resolve_name", "SPLITS"]

@@ -6,9 +6,11 @@ stops the run at once with a message, instead of a kernel failing ten seconds in
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
 
-from ..paths import DATA_ROOT_ENV, DataNotFoundError
+from ..paths import DATA_ROOT_ENV, DataNotFoundError, dataset_dir
 
 OFFLINE_HINT = (f"Offline, run the study on the real NIH sample instead: "
                 f"make reproduce PROFILE=sample with {DATA_ROOT_ENV} set to the folder that "
@@ -71,3 +73,56 @@ def ensure_available(name: str, root=None, image_size: int = 224, download: bool
     raise DataUnavailableError(
         f"dataset {name!r} is not available: {missing}\nTo get it: {steps}."
         + ("" if name == "nih-sample" else f"\n{OFFLINE_HINT}")) from missing
+
+
+def _sample_labels(root) -> str | None:
+    """The NIH sample's label file under ``root`` (or ``$CXRSTUDY_DATA_ROOT``), if it is there."""
+    try:
+        labels = dataset_dir("nih-sample", root) / "Data_Entry_2017_v2020.csv"
+    except DataNotFoundError:
+        return None
+    return str(labels) if labels.is_file() else None
+
+
+def usable_dataset(name: str, root=None, image_size: int | Iterable[int] = 224,
+                   log: Callable[[str], None] = print) -> str:
+    """The dataset a notebook reads: ``name``, or offline the NIH sample for a missing ChestMNIST.
+
+    Why: a student who opens a notebook in JupyterLab and runs it unchanged gets the default
+    profile, whose ChestMNIST is downloaded on first use. Under the runner the pre-flight check
+    (:func:`ensure_available`) has fetched it already and this returns ``name`` at once. By hand
+    it is fetched here the same way (only the sizes the notebook reads: ``image_size``, one or
+    several); offline, when the NIH sample is under the data root, the notebook reads the sample
+    instead (the data of the tiny and sample profiles) and says so loudly: the returned name
+    goes into every caption, table and ``metrics.json``. Every other dataset is returned
+    unchanged (its adapter says what is missing).
+    """
+    if name != "chestmnist":
+        return name
+    from .chestmnist import default_size, npz_name
+
+    sizes = [image_size] if isinstance(image_size, int) else list(image_size)
+    try:
+        folder = dataset_dir("chestmnist", root)
+        missing = [s for s in sizes if not (folder / npz_name(default_size(s))).is_file()]
+    except DataNotFoundError:
+        missing = sizes  # no data root: ensure_available says where it looks and what to do
+    if not missing:
+        return name
+    try:
+        for size in missing:
+            ensure_available(name, root, size, log=log)
+        return name
+    except DataUnavailableError as unavailable:
+        sample = _sample_labels(root)
+        if sample is None:
+            raise
+        reason = str(unavailable.__cause__ or unavailable).splitlines()[0].rstrip(".")
+        wanted = ", ".join(f"{default_size(s)} px" for s in missing)
+        message = (f"ChestMNIST ({wanted}) is not on this machine and could not be fetched "
+                   f"({reason}). This notebook reads the real NIH sample instead "
+                   f"({Path(sample).parent}): its tables and figures say nih-sample. "
+                   f"Online, `make data DATASET=chestmnist` fetches ChestMNIST; offline, "
+                   f"`make reproduce PROFILE=sample` runs the whole study on the sample.")
+        warnings.warn(message, stacklevel=2)
+        return "nih-sample"

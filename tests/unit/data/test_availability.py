@@ -15,6 +15,21 @@ def offline(*args, **kwargs):
     raise OfflineError("https://example.invalid/chestmnist_64.npz is unreachable")
 
 
+def _fake_chestmnist(root, sizes):
+    """What download_chestmnist leaves: MedMNIST's file under medmnist/ for each size."""
+    from cxrstudy.data.chestmnist import npz_name
+
+    folder = root / "medmnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        arrays = {}
+        for split, n in (("train", 4), ("val", 2), ("test", 2)):
+            arrays[f"{split}_images"] = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+            arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14), dtype=np.uint8)
+        np.savez(folder / npz_name(size), **arrays)
+
+
 def test_missing_chestmnist_offline_names_the_sample_profile_and_data_root(tmp_path, monkeypatch):
     monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
     with pytest.raises(DataUnavailableError) as info:
@@ -29,14 +44,7 @@ def test_missing_chestmnist_is_fetched_once_when_online(tmp_path, monkeypatch):
 
     def fake_download(root, sizes):
         calls.append(tuple(sizes))
-        folder = root / "medmnist"
-        folder.mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        arrays = {}
-        for split, n in (("train", 4), ("val", 2), ("test", 2)):
-            arrays[f"{split}_images"] = rng.integers(0, 256, (n, 64, 64), dtype=np.uint8)
-            arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14), dtype=np.uint8)
-        np.savez(folder / "chestmnist_64.npz", **arrays)
+        _fake_chestmnist(root, sizes)
 
     monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", fake_download)
     ensure_available("chestmnist", tmp_path, image_size=64, log=lambda m: None)
@@ -73,3 +81,42 @@ def test_a_missing_nih_sample_names_its_download(tmp_path):
         ensure_available("nih-sample", tmp_path, image_size=64, log=lambda m: None)
     message = str(info.value)
     assert "make data DATASET=nih-sample" in message and "CXRSTUDY_DATA_ROOT" in message
+
+
+def test_a_notebook_by_hand_offline_reads_the_nih_sample_and_says_so(tmp_path, monkeypatch,
+                                                                     nih_sample_root):
+    (tmp_path / "nih-sample").symlink_to(nih_sample_root)
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
+    with pytest.warns(UserWarning) as caught:
+        name = availability.usable_dataset("chestmnist", tmp_path, 64, log=lambda m: None)
+    assert name == "nih-sample"
+    message = str(caught[0].message)
+    assert "ChestMNIST (64 px)" in message and "unreachable" in message
+    assert str(tmp_path / "nih-sample") in message and "PROFILE=sample" in message
+
+
+def test_offline_without_the_sample_the_notebook_stops_with_the_way_forward(tmp_path, monkeypatch):
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
+    with pytest.raises(DataUnavailableError, match="PROFILE=sample"):
+        availability.usable_dataset("chestmnist", tmp_path, 64, log=lambda m: None)
+
+
+def test_a_notebook_by_hand_fetches_only_the_missing_chestmnist_sizes(tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_download(root, sizes):
+        fetched.extend(sizes)
+        _fake_chestmnist(root, sizes)
+
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", fake_download)
+    _fake_chestmnist(tmp_path, [64])
+    assert availability.usable_dataset("chestmnist", tmp_path, [28, 64, 100],
+                                       log=lambda m: None) == "chestmnist"
+    assert fetched == [28, 128]  # 64 was there; 100 px reads the 128 px file
+    assert availability.usable_dataset("chestmnist", tmp_path, [28, 64, 100]) == "chestmnist"
+    assert fetched == [28, 128]  # all there now: nothing fetched again
+
+
+def test_other_datasets_pass_through_without_a_check(tmp_path, monkeypatch):
+    monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
+    assert availability.usable_dataset("chexpert", tmp_path / "nothing", 224) == "chexpert"
