@@ -10,6 +10,12 @@ A resample in which the metric is undefined (NaN, or a ValueError such as scikit
 "only one class present") is skipped and counted: ``n_valid`` says how many remained, per
 element for array-valued metrics. Skipping conditions the interval on resamples where the
 metric exists; for a class with very few positive patients, read ``n_valid`` with the interval.
+
+A mean over classes must average the same classes in every resample as in the point estimate
+(those defined on the whole test set), or its interval describes another quantity: a metric
+may carry ``for_bootstrap(y_true, y_score, mask)``, returning the metric to evaluate on the
+point and every resample with that set fixed (:func:`~cxrstudy.metrics.macro_auc` does); a
+resample that loses one of the classes then has no value and is skipped like any other.
 """
 from __future__ import annotations
 
@@ -73,6 +79,10 @@ def bootstrap_ci(metric: Callable, y_true, y_score, mask=None, groups=None, n_bo
     resamples and values as the loop, much faster. Otherwise the metric is called on each
     resample's rows (a patient drawn twice contributes its rows twice; rows keep their order).
 
+    A ``for_bootstrap(y_true, y_score, mask)`` attribute of ``metric`` is called first, on the
+    whole data, and what it returns is the metric evaluated (e.g. a macro mean over the classes
+    defined on the whole data; see the module docstring).
+
     Returns ``dict(point, low, high, n_boot, n_valid)``: floats/ints for a scalar metric,
     arrays of the metric's shape otherwise; ``low``/``high`` are NaN where no resample was valid.
     """
@@ -88,6 +98,9 @@ def bootstrap_ci(metric: Callable, y_true, y_score, mask=None, groups=None, n_bo
     if len(y_score) != n_rows or (mask is not None and len(mask) != n_rows):
         raise ValueError(f"y_true ({n_rows}), y_score ({len(y_score)}) and mask "
                          f"({None if mask is None else len(mask)}) must have the same rows")
+    fixed = getattr(metric, "for_bootstrap", None)
+    if fixed is not None:
+        metric = fixed(y_true, y_score, mask)
     point = _as_float_array(metric(y_true, y_score, mask))
     codes, n_groups = group_codes(groups, n_rows)
     rng = np.random.default_rng(seed)

@@ -174,14 +174,65 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def mean_over_classes(values: np.ndarray, classes) -> np.ndarray:
+    """Mean over the last axis of the fixed column set ``classes`` (a bool mask or indices);
+    NaN where any of those columns is NaN, or where the set is empty.
+
+    The macro average of a bootstrap resample: the point estimate averages the classes defined
+    on the whole test set, so a resample must average the same classes or describe another
+    quantity. A resample that loses one of them (no known positive or negative drawn) has no
+    value and is skipped. Summed as :func:`_nanmean_rows` sums, so on the point estimate's own
+    class set both give the same float.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    classes = np.asarray(classes)
+    if classes.dtype == bool:
+        if classes.shape != values.shape[-1:]:
+            raise ValueError(f"a class mask of shape {classes.shape} for {values.shape[-1]} "
+                             f"classes")
+        chosen = classes
+    else:
+        chosen = np.zeros(values.shape[-1], dtype=bool)
+        chosen[classes.astype(np.int64)] = True
+    count = int(chosen.sum())
+    if count == 0:
+        return np.full(values.shape[:-1], np.nan)
+    total = np.where(chosen, values, 0.0).sum(axis=-1)
+    complete = np.isfinite(values[..., chosen]).all(axis=-1)
+    return np.where(complete, total / count, np.nan)
+
+
 def macro_auc(y_true, y_score, mask=None) -> float:
-    """Unweighted mean of the defined per-class AUCs (undefined classes are left out)."""
+    """Unweighted mean of the defined per-class AUCs (undefined classes are left out).
+
+    Under :func:`~cxrstudy.metrics.bootstrap_ci` the class set is the one defined on the data
+    given (``macro_auc.for_bootstrap``): a resample missing one of those classes is skipped.
+    """
     return float(_nanmean_rows(per_class_auc(y_true, y_score, mask)))
 
 
 def macro_auc_weighted(y_true, y_score, mask, weights) -> np.ndarray:
-    """:func:`macro_auc` under each row weighting → [B]."""
+    """:func:`macro_auc` under each row weighting → [B] (over each weighting's own defined
+    classes; :func:`macro_auc_over` fixes the set)."""
     return _nanmean_rows(per_class_auc_weighted(y_true, y_score, mask, weights))
+
+
+def macro_auc_over(classes):
+    """The macro AUC over the fixed class set ``classes`` (bool mask or indices) as a metric
+    for :func:`~cxrstudy.metrics.bootstrap_ci`: NaN on data where any of them has no AUC
+    (:func:`mean_over_classes`)."""
+    def metric(y_true, y_score, mask=None) -> float:
+        return float(mean_over_classes(per_class_auc(y_true, y_score, mask), classes))
+
+    def weighted(y_true, y_score, mask, weights) -> np.ndarray:
+        return mean_over_classes(per_class_auc_weighted(y_true, y_score, mask, weights), classes)
+
+    metric.weighted = weighted
+    return metric
+
+
+def _macro_auc_for_bootstrap(y_true, y_score, mask=None):
+    return macro_auc_over(np.isfinite(per_class_auc(y_true, y_score, mask)))
 
 
 def _flatten_known(y_true, y_score, mask):
@@ -209,6 +260,7 @@ def micro_auc_weighted(y_true, y_score, mask, weights) -> np.ndarray:
 # Let bootstrap_ci evaluate all resamples of these metrics in one pass (same values as a loop).
 per_class_auc.weighted = per_class_auc_weighted
 macro_auc.weighted = macro_auc_weighted
+macro_auc.for_bootstrap = _macro_auc_for_bootstrap  # resamples average the point's classes
 micro_auc.weighted = micro_auc_weighted
 
 

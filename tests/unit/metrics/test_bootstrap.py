@@ -1,12 +1,14 @@
-"""Patient-level percentile bootstrap: coverage of the point, width, grouping, seeding."""
+"""Patient-level percentile bootstrap: coverage of the point, width, grouping, seeding; macro
+means over the point estimate's class set; paired differences of two models."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrstudy.metrics import (bootstrap_ci, macro_auc, micro_auc, per_class_auc,
-                              resample_counts)
+from cxrstudy.metrics import (bootstrap_ci, group_codes, macro_auc, macro_auc_over,
+                              mean_over_classes, micro_auc, paired_auc_difference,
+                              per_class_auc, resample_counts, summarize)
 
 
 def _data(n, n_classes=3, seed=0, signal=1.0):
@@ -143,3 +145,129 @@ def test_bad_arguments_are_rejected():
         bootstrap_ci(macro_auc, y, s, groups=np.arange(19), progress=False)
     with pytest.raises(ValueError, match="alpha"):
         bootstrap_ci(macro_auc, y, s, alpha=1.5, progress=False)
+
+
+# ---- macro means over a fixed class set -------------------------------------------------
+
+def test_mean_over_classes_averages_a_fixed_set_or_gives_nan():
+    values = np.array([[0.6, np.nan, 0.8], [0.5, 0.7, 0.9]])
+    np.testing.assert_allclose(mean_over_classes(values, [0, 2]), [0.7, 0.7])
+    np.testing.assert_allclose(mean_over_classes(values, np.array([True, True, False])),
+                               [np.nan, 0.6])  # the first row lost class 1: no value
+    assert np.isnan(mean_over_classes(values, [])).all()
+    with pytest.raises(ValueError, match="class mask"):
+        mean_over_classes(values, np.array([True, False]))
+
+
+def _rare_class_case():
+    """20 patients of 2 images; class 0 common, class 1 positive on patient 0's images only."""
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(20), 2)
+    y = np.zeros((40, 2))
+    y[rng.random(40) < 0.4, 0] = 1
+    y[[0, 1], 1] = 1
+    s = rng.random((40, 2)) + 0.5 * y
+    return y, s, groups
+
+
+def test_summarize_macro_interval_keeps_the_point_estimates_classes():
+    y, s, groups = _rare_class_case()
+    n_boot, seed = 200, 3
+    _, overall = summarize(y, s, ["common", "rare"], patient_ids=groups, n_boot=n_boot,
+                           seed=seed, progress=False)
+    assert overall["macro_auc"] == pytest.approx(macro_auc(y, s))  # the point is unchanged
+    # by hand: the same resamples (same generator, same draws), each row repeated as often as
+    # its patient was drawn; a resample without patient 0 has no AUC for "rare": skipped
+    codes, n_groups = group_codes(groups, len(y))
+    kept, lost, old_rule = [], 0, []
+    for counts in resample_counts(np.random.default_rng(seed), codes, n_groups, n_boot):
+        for row_counts in counts:
+            rows = np.repeat(np.arange(len(y)), row_counts)
+            common = roc_auc_score(y[rows, 0], s[rows, 0])
+            if y[rows, 1].any():
+                kept.append((common + roc_auc_score(y[rows, 1], s[rows, 1])) / 2)
+                old_rule.append(kept[-1])
+            else:
+                lost += 1
+                old_rule.append(common)  # what averaging the resample's own classes gave
+    assert 0 < lost < n_boot  # P(patient 0 not drawn) = (19/20)^20 ≈ 0.36
+    assert overall["macro_auc_resamples_skipped"] == lost
+    assert overall["macro_auc_n_valid"] == n_boot - lost == len(kept)
+    assert overall["macro_auc_low"] == pytest.approx(np.quantile(kept, 0.025), abs=1e-12)
+    assert overall["macro_auc_high"] == pytest.approx(np.quantile(kept, 0.975), abs=1e-12)
+    assert overall["macro_auc_low"] != pytest.approx(np.quantile(old_rule, 0.025), abs=1e-6)
+    # bootstrap_ci(macro_auc) fixes the same class set (macro_auc.for_bootstrap); the loop
+    # over resamples of the fixed-set metric gives the same values as the vectorised path
+    macro = bootstrap_ci(macro_auc, y, s, groups=groups, n_boot=n_boot, seed=seed,
+                         progress=False)
+    assert macro["n_valid"] == n_boot - lost
+    assert macro["low"] == pytest.approx(overall["macro_auc_low"], abs=1e-12)
+    fixed = macro_auc_over([0, 1])
+    slow = bootstrap_ci(lambda t, p, m: fixed(t, p, m), y, s, groups=groups, n_boot=n_boot,
+                        seed=seed, progress=False)
+    assert slow["n_valid"] == macro["n_valid"]
+    assert slow["low"] == pytest.approx(macro["low"], abs=1e-12)
+    assert slow["high"] == pytest.approx(macro["high"], abs=1e-12)
+
+
+def test_summarize_macro_set_leaves_out_a_class_without_positives():
+    y, s, groups = _rare_class_case()
+    y[:, 1] = 0  # "rare" has no positive at all: not in the point estimate, so never missed
+    _, overall = summarize(y, s, ["common", "rare"], patient_ids=groups, n_boot=100,
+                           progress=False)
+    assert overall["n_classes_undefined"] == 1
+    assert overall["macro_auc_resamples_skipped"] == 0 and overall["macro_auc_n_valid"] == 100
+
+
+# ---- paired differences ------------------------------------------------------------------
+
+def test_paired_difference_of_a_model_with_itself_is_zero_with_a_zero_interval():
+    y, s, groups = _rare_class_case()
+    per_class, sets = paired_auc_difference(y, s, s.copy(), ["common", "rare"],
+                                            patient_ids=groups, n_boot=100, progress=False,
+                                            class_sets={"both": ["common", "rare"]})
+    assert per_class["delta"].tolist() == [0.0, 0.0]
+    assert per_class["delta_low"].tolist() == [0.0, 0.0]
+    assert per_class["delta_high"].tolist() == [0.0, 0.0]
+    row = sets.iloc[0]
+    assert (row["delta"], row["delta_low"], row["delta_high"]) == (0.0, 0.0, 0.0)
+    assert row["classes"] == "common, rare" and row["n_classes"] == 2
+    assert 0 < row["resamples_skipped"] == 100 - row["n_valid"] == 100 - per_class["n_valid"][1]
+
+
+def test_paired_difference_uses_the_same_resamples_for_both_models():
+    y, s, groups = _rare_class_case()
+    other = np.random.default_rng(11).random(s.shape) + 0.2 * y
+    n_boot, seed = 150, 4
+    per_class, sets = paired_auc_difference(y, s, other, ["common", "rare"], patient_ids=groups,
+                                            n_boot=n_boot, seed=seed, progress=False,
+                                            class_sets={"common only": ["common"],
+                                                        "both": ["rare", "common"]})
+    assert per_class["delta"].to_numpy() == pytest.approx(
+        per_class_auc(y, s) - per_class_auc(y, other))
+    assert per_class["n_pos"].tolist() == [int(y[:, 0].sum()), 2]
+    codes, n_groups = group_codes(groups, len(y))
+    common, both = [], []
+    for counts in resample_counts(np.random.default_rng(seed), codes, n_groups, n_boot):
+        for row_counts in counts:
+            rows = np.repeat(np.arange(len(y)), row_counts)
+            delta = [roc_auc_score(y[rows, c], s[rows, c])
+                     - roc_auc_score(y[rows, c], other[rows, c])
+                     if y[rows, c].any() else np.nan for c in (0, 1)]
+            common.append(delta[0])
+            if np.isfinite(delta[1]):
+                both.append(np.mean(delta))
+    rows = sets.set_index("set")
+    assert rows.loc["common only", "delta_low"] == pytest.approx(np.quantile(common, 0.025),
+                                                                 abs=1e-12)
+    assert rows.loc["both", "n_valid"] == len(both)
+    assert rows.loc["both", "delta_high"] == pytest.approx(np.quantile(both, 0.975), abs=1e-12)
+    assert per_class["delta_high"][0] == pytest.approx(np.quantile(common, 0.975), abs=1e-12)
+
+
+def test_paired_difference_checks_its_class_sets():
+    y, s, groups = _rare_class_case()
+    with pytest.raises(ValueError, match="class set 'small' names classes not among the "
+                                         "scores: Mass"):
+        paired_auc_difference(y, s, s, ["common", "rare"], class_sets={"small": ["Mass"]},
+                              progress=False)
