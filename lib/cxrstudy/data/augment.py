@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -360,38 +360,4 @@ def none(seed: int | None = 0) -> BatchAugment:
     return BatchAugment.none(seed=seed)
 
 
-def _per_channel(value, images: torch.Tensor, name: str) -> torch.Tensor:
-    values = torch.as_tensor(value, dtype=images.dtype, device=images.device).flatten()
-    if values.numel() not in (1, images.shape[1]):
-        raise ValueError(f"normalize: {name} has {values.numel()} values for "
-                         f"{images.shape[1]} channels (call to_channels first?)")
-    return values.view(1, -1, 1, 1)
-
-
-def normalize(batch, mean: float | Sequence[float], std: float | Sequence[float]):
-    """``(x − mean) / std`` per channel, on a tensor [B, C, H, W] or a batch dict's ``image``."""
-    def apply(images: torch.Tensor) -> torch.Tensor:
-        std_t = _per_channel(std, images, "std")
-        if bool((std_t == 0).any()):
-            raise ValueError(f"normalize: std must be non-zero, got {std}")
-        return (images - _per_channel(mean, images, "mean")) / std_t
-    return _map_image(batch, apply)
-
-
-def to_channels(batch, in_chans: int):
-    """Give images ``in_chans`` channels: 1 → N repeats the grey channel (ImageNet-pretrained
-    models expect 3), 3 → 1 averages; same count returns the input unchanged."""
-    def apply(images: torch.Tensor) -> torch.Tensor:
-        channels = images.shape[1]
-        if channels == in_chans:
-            return images
-        if channels == 1:
-            return images.repeat(1, in_chans, 1, 1)
-        if in_chans == 1:
-            return images.mean(dim=1, keepdim=True)
-        raise ValueError(f"to_channels: cannot turn {channels} channels into {in_chans}")
-    return _map_image(batch, apply)
-
-
-__all__ = ["AugmentConfig", "BatchAugment", "IDENTITY", "from_config", "none", "normalize",
-           "to_channels"]
+__all__ = ["AugmentConfig", "BatchAugment", "IDENTITY", "from_config", "none"]

@@ -10,9 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .distill import add_distillation_head
+from .input_adapter import (NoPretrainedStatistics, building_input_norm, building_with,
+                            check_input_norm, input_adapters)
 from .pretrained import create_timm_model, read_state_dict, state_dict_matches
 from .registry import list_models, registered_builder, resolve_alias
 
@@ -46,7 +49,7 @@ def _is_weight_path(pretrained) -> bool:
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int = 224,
                  pretrained: bool | str | os.PathLike = False, distilled: bool = False,
-                 **kwargs: Any) -> nn.Module:
+                 input_norm: str | None = None, **kwargs: Any) -> nn.Module:
     """Build ``name`` for ``in_chans × image_size²`` inputs with ``num_classes`` logits.
 
     ``pretrained``: False, True (the architecture's default weights from the local cache; see
@@ -57,6 +60,14 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int
     ``drop_rate``) and are kept in ``model.cxr_config`` so the model can be rebuilt.
     ``distilled=True`` adds a DeiT-style distillation head to any classifier
     (:mod:`cxrstudy.models.distill`); a weight file for it is one of our distilled checkpoints.
+
+    ``input_norm`` (:mod:`cxrstudy.models.input_adapter`): what the model's backbones take in.
+    None (the default) follows the weights: ``"pretrained"`` (grey repeated to the pretrained
+    channels and normalised with their mean and std, inside the model) when weights are loaded
+    with ``pretrained=True`` or from a file of foreign weights, ``"none"`` (one channel in
+    [0, 1]) when trained from scratch; a file of our own weights fits one of the two exactly
+    and keeps it. The choice is kept in ``model.cxr_config["input_norm"]``, so a checkpoint is
+    rebuilt the same way.
     """
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -71,24 +82,51 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, image_size: int
         return add_distillation_head(model) if distilled else model
 
     shape = dict(num_classes=int(num_classes), in_chans=int(in_chans), image_size=int(image_size))
+    norm = check_input_norm(input_norm) or building_input_norm()
     if _is_weight_path(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weight file {path} does not exist")
-        model = builder(**shape, pretrained=False, **kwargs)
-        state_dict = read_state_dict(path)
-        if state_dict_matches(model, state_dict):
-            model.load_state_dict(state_dict, strict=True)
-        else:
-            model = builder(**shape, pretrained=str(path), **kwargs)
+        model = _own_weights_model(builder, shape, kwargs, read_state_dict(path), norm)
+        if model is None:  # foreign weights: the builder adapts them (each backbone its input)
+            with building_with(norm):
+                model = builder(**shape, pretrained=str(path), **kwargs)
         source: bool | str = str(path)
     else:
-        model = builder(**shape, pretrained=bool(pretrained), **kwargs)
+        with building_with(norm or ("pretrained" if pretrained else "none")):
+            model = builder(**shape, pretrained=bool(pretrained), **kwargs)
         source = bool(pretrained)
-    config = dict(name=name, **shape, kwargs=dict(kwargs), pretrained=source)
+    config = dict(name=name, **shape, kwargs=dict(kwargs), pretrained=source,
+                  input_norm="pretrained" if input_adapters(model) else "none")
     if distilled:
         config["kwargs"]["distilled"] = config["distilled"] = True
     model.cxr_config = config
+    return model
+
+
+def _own_weights_model(builder, shape: dict, kwargs: dict, state_dict: dict,
+                       norm: str | None) -> nn.Module | None:
+    """The model ``state_dict`` fits exactly (our own saved weights), loaded; None when it fits
+    neither input convention. Tried: ``norm`` when given, else "none" (built for real, as the
+    weights are then loaded into it) and then "pretrained" (shapes only, on the meta device, so
+    a file that fits neither draws no more random numbers than before)."""
+    with building_with(norm or "none"):
+        model = builder(**shape, pretrained=False, **kwargs)
+    if state_dict_matches(model, state_dict):
+        model.load_state_dict(state_dict, strict=True)
+        return model
+    if norm is not None:
+        return None
+    try:
+        with torch.device("meta"), building_with("pretrained"):
+            shapes = builder(**shape, pretrained=False, **kwargs)
+    except NoPretrainedStatistics:
+        return None
+    if not state_dict_matches(shapes, state_dict):
+        return None
+    with building_with("pretrained"):
+        model = builder(**shape, pretrained=False, **kwargs)
+    model.load_state_dict(state_dict, strict=True)
     return model
 
 

@@ -8,8 +8,10 @@ looked up first; when the weights are not there and the hub is offline or unreac
 them. A local file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``, or one of our checkpoints)
 can be given instead.
 
-With ``in_chans=1`` timm adapts ImageNet's first convolution by summing its RGB kernels, so a
-grey image sees the filters it would see as a colour image with equal channels.
+Loaded weights come with their input convention (:mod:`cxrstudy.models.input_adapter`): the
+stem keeps its pretrained channels and the grey image is repeated and normalised with the
+weights' mean and std before it. With ``input_norm="none"`` timm instead adapts ImageNet's first
+convolution to one channel by summing its RGB kernels, and the [0, 1] image goes in as it is.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from .input_adapter import (attach_input_adapter, building_input_norm, check_input_norm,
+                            pretrained_channels)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -245,13 +250,52 @@ def _create_from_file(timm_name: str, path: Path, kwargs: dict[str, Any]) -> nn.
 
 
 def create_timm_model(timm_name: str, num_classes: int, in_chans: int = 1, image_size: int = 224,
-                      pretrained: bool | str | os.PathLike = False, **kwargs) -> nn.Module:
+                      pretrained: bool | str | os.PathLike = False, input_norm: str | None = None,
+                      **kwargs) -> nn.Module:
     """A timm model with logits ``[B, num_classes]`` for ``in_chans × image_size²`` inputs.
 
     ``pretrained``: False (random init), True (timm's default weights: from the local cache,
     else downloaded when the hub is online and reachable, else an immediate
     :class:`PretrainedWeightsUnavailable`), or a path to a weight file.
+    ``input_norm`` (see :mod:`cxrstudy.models.input_adapter`): ``"pretrained"`` keeps the
+    pretrained stem's channels and puts an adapter before it (grey repeated, normalised with the
+    weights' mean and std); ``"none"`` takes ``in_chans`` channels as they are. None: the
+    enclosing ``create_model`` call's choice, else ``"pretrained"`` exactly when weights are
+    loaded (from a file: when its first convolution has the pretrained channel count; a
+    one-channel file was trained on our [0, 1] input).
     """
+    norm = check_input_norm(input_norm) or building_input_norm()
+    if norm is None:
+        if pretrained is False or pretrained is None:
+            norm = "none"
+        elif pretrained is True:
+            norm = "pretrained"
+        else:
+            norm = _file_input_norm(timm_name, Path(pretrained))
+    if norm == "pretrained":
+        in_chans = pretrained_channels(timm_name)
+    model = _timm_model_with_weights(timm_name, num_classes, in_chans, image_size, pretrained,
+                                     **kwargs)
+    if norm == "pretrained":
+        attach_input_adapter(model)
+    return model
+
+
+def _file_input_norm(timm_name: str, path: Path) -> str:
+    """"pretrained" when the file's first convolution takes the pretrained channel count."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    first = getattr(cfg, "first_conv", None) if cfg is not None else None
+    first = first[0] if isinstance(first, (list, tuple)) and first else first
+    weight = read_state_dict(path).get(f"{first}.weight") if first else None
+    if weight is None or weight.ndim != 4 or not getattr(cfg, "mean", None):
+        return "none"
+    return "pretrained" if int(weight.shape[1]) == len(cfg.mean) else "none"
+
+
+def _timm_model_with_weights(timm_name: str, num_classes: int, in_chans: int, image_size: int,
+                             pretrained: bool | str | os.PathLike, **kwargs) -> nn.Module:
     import timm
 
     kwargs = timm_model_kwargs(timm_name, num_classes, in_chans, image_size, **kwargs)

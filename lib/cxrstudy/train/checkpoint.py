@@ -128,6 +128,7 @@ def load_model_from_checkpoint(path, map_location="cpu", use_ema: bool = True
                          f"cxrstudy.models.create_model, so it cannot be rebuilt")
     model = create_model(config["name"], config["num_classes"], in_chans=config["in_chans"],
                          image_size=config["image_size"], pretrained=False,
+                         input_norm=config.get("input_norm"),  # None (older runs): from scratch
                          **dict(config.get("kwargs") or {}))
     model.cxr_config = dict(config)
     weights = "ema" if use_ema and payload.get("ema") is not None else "model"

@@ -1,13 +1,13 @@
 """Batch augmentation: identity, exact flips, geometry of the affine composition, blur, elastic,
-photometric range, seeding, config parsing, normalize/to_channels."""
+photometric range, seeding, config parsing (a pretrained backbone's normalisation is the model's
+own: tests/unit/models/test_input_adapter.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from cxrstudy.data.augment import (BatchAugment, _gaussian_blur, from_config, none, normalize,
-                                   to_channels)
+from cxrstudy.data.augment import BatchAugment, _gaussian_blur, from_config, none
 
 
 @pytest.fixture
@@ -134,23 +134,6 @@ def test_from_config_checks_keys_and_values():
         BatchAugment(hflip=1.5)
     with pytest.raises(TypeError, match="float tensor"):
         BatchAugment()(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
-
-
-def test_normalize_and_to_channels(images):
-    half = torch.full((2, 1, 4, 4), 0.5)
-    assert torch.allclose(normalize(half, 0.25, 0.5), torch.full((2, 1, 4, 4), 0.5))
-    rgb = to_channels(half, 3)
-    assert rgb.shape == (2, 3, 4, 4) and torch.equal(rgb[:, 2], half[:, 0])
-    out = normalize(rgb, [0.5, 0.25, 0.0], [1.0, 0.5, 0.25])
-    assert out[0, :, 0, 0].tolist() == [0.0, 0.5, 2.0]
-    assert to_channels(images, 1) is images
-    assert torch.allclose(to_channels(rgb, 1), half)
-    batch = normalize({"image": half, "index": 1}, 0.5, 1.0)
-    assert torch.equal(batch["image"], torch.zeros(2, 1, 4, 4)) and batch["index"] == 1
-    with pytest.raises(ValueError, match="3 values for 1 channels"):
-        normalize(half, [0.1, 0.2, 0.3], [1, 1, 1])
-    with pytest.raises(ValueError, match="cannot turn 2 channels"):
-        to_channels(torch.zeros(1, 2, 4, 4), 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

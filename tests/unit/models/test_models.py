@@ -66,7 +66,7 @@ def test_cxr_config_rebuilds_the_same_architecture():
     model = create_model("deit_tiny", num_classes=4, in_chans=1, image_size=32, patch_size=4)
     config = model.cxr_config
     assert config == {"name": "deit_tiny", "num_classes": 4, "in_chans": 1, "image_size": 32,
-                      "kwargs": {"patch_size": 4}, "pretrained": False}
+                      "kwargs": {"patch_size": 4}, "pretrained": False, "input_norm": "none"}
     rebuilt = create_model(config["name"], config["num_classes"], in_chans=config["in_chans"],
                            image_size=config["image_size"], **config["kwargs"])
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
@@ -163,19 +163,33 @@ def _fake_hub_snapshot(hf_home, repo: str, state_dict: dict) -> None:
     save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / "model.safetensors")
 
 
-def test_cached_imagenet_weights_are_used_offline_and_adapted_to_one_channel(
-        empty_weight_caches):
+def test_cached_imagenet_weights_are_used_offline_with_their_own_input(empty_weight_caches):
     torch.manual_seed(0)
     imagenet = timm.create_model("resnet18", num_classes=1000, in_chans=3).state_dict()
     _fake_hub_snapshot(empty_weight_caches / "hf", "timm/resnet18.a1_in1k", imagenet)
 
     model = create_model("resnet18", num_classes=14, in_chans=1, image_size=32, pretrained=True)
     own = model.state_dict()
-    # timm sums the RGB kernels of the first convolution for a grey input
-    assert torch.allclose(own["conv1.weight"], imagenet["conv1.weight"].sum(1, keepdim=True))
+    # the RGB stem is kept as trained; the grey image is repeated and normalised before it
+    assert torch.equal(own["conv1.weight"], imagenet["conv1.weight"])
     assert torch.equal(own["layer3.1.conv2.weight"], imagenet["layer3.1.conv2.weight"])
     assert own["fc.weight"].shape == (14, 512)  # the 1000-class head is not carried over
     assert model.cxr_config["pretrained"] is True
+    assert model.cxr_config["input_norm"] == "pretrained"
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 14)
+
+
+def test_input_norm_none_sums_the_rgb_kernels_for_a_grey_input(empty_weight_caches):
+    torch.manual_seed(0)
+    imagenet = timm.create_model("resnet18", num_classes=1000, in_chans=3).state_dict()
+    _fake_hub_snapshot(empty_weight_caches / "hf", "timm/resnet18.a1_in1k", imagenet)
+
+    model = create_model("resnet18", num_classes=14, in_chans=1, image_size=32, pretrained=True,
+                         input_norm="none")
+    assert torch.allclose(model.state_dict()["conv1.weight"],
+                          imagenet["conv1.weight"].sum(1, keepdim=True))
+    assert model.cxr_config["input_norm"] == "none"
+    assert not any("input_adapter" in key for key in model.state_dict())
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -378,9 +378,9 @@ def test_timm_weights_fit_the_backbone(tmp_path):
                           pretrained=str(path))
     key = "stages.1.blocks.0.mixer.m.attn.qkvs.0.conv.weight"
     assert torch.equal(loaded.state_dict()[key], imagenet.state_dict()[key])
-    first = "patch_embed.conv1.conv.weight"  # RGB kernels summed into one channel
-    torch.testing.assert_close(loaded.state_dict()[first],
-                               imagenet.state_dict()[first].sum(1, keepdim=True))
+    first = "patch_embed.conv1.conv.weight"  # the RGB stem kept, an input adapter before it
+    assert torch.equal(loaded.state_dict()[first], imagenet.state_dict()[first])
+    assert loaded.cxr_config["input_norm"] == "pretrained"
     # our own MXA checkpoint comes back exactly
     ours = tmp_path / "mxa.pth"
     torch.save(loaded.state_dict(), ours)

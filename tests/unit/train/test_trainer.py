@@ -180,7 +180,8 @@ def test_checkpoints_hold_what_rebuilding_and_resuming_need(tmp_path):
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["epoch"] == 2 and len(last["history"]) == 2
     assert last["model_config"] == {"name": "test_trainer_cnn", "num_classes": 3, "in_chans": 1,
-                                    "image_size": SIZE, "kwargs": {}, "pretrained": False}
+                                    "image_size": SIZE, "kwargs": {}, "pretrained": False,
+                                    "input_norm": "none"}
     assert last["class_names"] == ["a", "b", "c"]
     assert last["train_config"]["lr"] == 0.05 and last["ema"] is None
     for key, value in trainer.unwrapped_model.state_dict().items():
