@@ -224,10 +224,12 @@ def test_cross_attention_notebook_separates_the_second_network_from_the_attentio
     folder = root / "06_cross_attention"
     metrics = json.loads((folder / "metrics.json").read_text())
     can_arms = ["can_bce", "can_weighted_bce", "can_focal", "can_asl", "can_balance"]
-    order = ["single", "single_second", "ensemble"] + can_arms
+    order = ["single", "single_second", "ensemble", "can_no_attention"] + can_arms
     assert set(metrics["models"]) == set(order)
+    assert metrics["pretrained"] is False  # tiny trains from scratch
     params = {k: m["params"] for k, m in metrics["models"].items()}
-    assert len({params[a] for a in can_arms}) == 1  # only the loss differs
+    # only the loss differs; with the attention off, the same modules (the convs built, unused)
+    assert len({params[a] for a in can_arms + ["can_no_attention"]}) == 1
     # tiny's two networks are both resnet18: the ensemble is exactly the two alone, CAN adds one
     # 1×1 attention conv (512 → 1) per network and nothing else
     assert params["single_second"] == params["single"]
@@ -239,12 +241,20 @@ def test_cross_attention_notebook_separates_the_second_network_from_the_attentio
     for row in metrics["arms_table"]:
         assert row["macro low"] <= row["macro AUC"] <= row["macro high"], row["arm"]
     comparisons = pd.DataFrame(metrics["comparisons"]).set_index("comparison")
-    assert list(comparisons.index[:5]) == ["single_second − single", "ensemble − single",
-                                           "ensemble − single_second", "can_bce − ensemble",
+    assert list(comparisons.index[:7]) == ["single_second − single", "ensemble − single",
+                                           "ensemble − single_second",
+                                           "can_no_attention − ensemble",
+                                           "can_bce − can_no_attention", "can_bce − ensemble",
                                            "can_bce − single"]
     macro = table.set_index("arm")["macro AUC"]
-    assert comparisons.loc["can_bce − ensemble", "Δ macro AUC"] == \
-        pytest.approx(macro["can_bce"] - macro["ensemble"])
+    for arm, against in (("can_bce", "ensemble"), ("can_bce", "can_no_attention")):
+        assert comparisons.loc[f"{arm} − {against}", "Δ macro AUC"] == \
+            pytest.approx(macro[arm] - macro[against])
+    # each sentence says what differs: the attention alone only against the attention-off arm
+    isolates = comparisons["isolates"]
+    assert isolates["can_bce − can_no_attention"].startswith("the cross-attention alone")
+    assert "projections and heads" in isolates["can_bce − ensemble"]
+    assert "two-network loss" in isolates["ensemble − single"]
     assert comparisons["DeLong p (micro)"].between(0, 1).all()
     assert (folder / "tables/comparisons.csv").is_file()
     assert (folder / "figures/cross_attention.png").stat().st_size > 1000

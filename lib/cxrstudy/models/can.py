@@ -19,17 +19,34 @@ feature maps f₁ [B, D₁, h₁, w₁] and f₂ [B, D₂, h₂, w₂] (``forwar
 
 The Hadamard product is where the networks meet: a position lights up in a branch's attention
 only where both networks respond, which is what each learns from the other.
+
 ``model.last_attention`` holds (a₁, a₂) of the last forward (detached) and
-``model.attention_maps()`` [B, 2, h, w] (channel mode: the channel mean) for drawing.
+``model.attention_maps()`` [B, 2, h, w] (channel mode: the channel mean) for drawing (with the
+attention off: the held, flat maps).
+
+``cross_attention=False`` switches the attention off and keeps everything else: the gate becomes
+the identity, g_i = p_i (the map held at the value that passes p through: a = 0 in the residual
+form p (1 + a), a = 1 in the plain form p a), so the networks no longer see each other. The
+projections, the resizing, the heads and z are unchanged, and the attention convs are still
+built (same parameter count and state-dict keys, so the model starts from the very weights a
+CAN with attention draws under the same seed) but frozen: nothing reads them, so they get no
+gradient (and data-parallel training, which refuses parameters without one, still runs). This
+is the control that isolates the attention (notebook 06's ``can_no_attention``): against CAN
+only the gate and the attention loss differ, where :class:`LogitEnsemble` also differs in the
+projections and heads.
 
 Training is :class:`cxrstudy.train.can.CANTrainer` (a plain :class:`~cxrstudy.train.Trainer`
 also works on z alone); its loss, with the attention term, is written out there.
 
-The control that isolates the cross-attention is :class:`LogitEnsemble` (``"logit_ensemble"``):
-the same two networks, each with its own classifier, no attention between them, z = (z₁ + z₂)/2,
-trained by the same CANTrainer loss (the attention term is absent: there are no maps).
+Two controls take CAN apart. :class:`LogitEnsemble` (``"logit_ensemble"``): the same two
+networks, each with its own classifier (no projections, no CAN heads), no attention between
+them, z = (z₁ + z₂)/2, trained by the same CANTrainer loss (no attention term: there are no
+maps); and CAN with ``cross_attention=False`` (above), which differs from CAN in the attention
+alone.
 
 >>> create_model("can", 14, image_size=224, backbones=("resnet18", "densenet121"))
+>>> create_model("can", 14, image_size=224, backbones=("resnet18", "densenet121"),
+...              cross_attention=False)
 >>> create_model("logit_ensemble", 14, image_size=224, backbones=("resnet18", "densenet121"))
 """
 from __future__ import annotations
@@ -48,7 +65,8 @@ ATTENTION_MODES = ("spatial", "channel")
 
 class CANOutput(NamedTuple):
     """Mean logits [B, C], the two branches' logits and attention maps [B, 1 or K, h, w]
-    (None for :class:`LogitEnsemble`, which has no attention)."""
+    (None where no attention acts: :class:`LogitEnsemble`, or CAN with ``cross_attention=False``;
+    the trainer then has no attention term)."""
 
     logits: torch.Tensor
     branch_logits: tuple[torch.Tensor, torch.Tensor]
@@ -70,9 +88,13 @@ class CrossAttentionNetwork(nn.Module):
 
     def __init__(self, backbone_1: nn.Module, backbone_2: nn.Module, num_classes: int,
                  channels: int | None = None, attention: str = "spatial",
-                 shared_attention: bool = False, residual: bool = True, dropout: float = 0.0):
+                 shared_attention: bool = False, residual: bool = True, dropout: float = 0.0,
+                 cross_attention: bool = True):
         super().__init__()
         self.attention_mode = _choice("attention", attention, ATTENTION_MODES)
+        if not isinstance(cross_attention, bool):
+            raise TypeError(f"cross_attention must be True or False, got {cross_attention!r}")
+        self.cross_attention = cross_attention
         self.shared_attention, self.residual = bool(shared_attention), bool(residual)
         self.num_classes = int(num_classes)
         self.backbones = nn.ModuleList([backbone_1, backbone_2])
@@ -88,6 +110,8 @@ class CrossAttentionNetwork(nn.Module):
         out = 1 if self.attention_mode == "spatial" else width
         self.attention_convs = nn.ModuleList(
             [nn.Conv2d(width, out, 1) for _ in range(1 if self.shared_attention else 2)])
+        if not self.cross_attention:  # built for the same parameters and draws, never read
+            self.attention_convs.requires_grad_(False)
         self.drop = nn.Dropout(dropout)
         self.heads = nn.ModuleList([nn.Linear(width, self.num_classes) for _ in range(2)])
         self.last_attention: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -109,6 +133,8 @@ class CrossAttentionNetwork(nn.Module):
 
     def forward_branches(self, x: torch.Tensor) -> CANOutput:
         maps = self.feature_maps(x)
+        if not self.cross_attention:
+            return self._forward_without_attention(maps)
         product = maps[0] * maps[1]
         attention = tuple(torch.sigmoid(self.attention_convs[0 if self.shared_attention else i](
             product)) for i in range(2))
@@ -118,6 +144,16 @@ class CrossAttentionNetwork(nn.Module):
             logits.append(head(self.drop(attended.mean(dim=(2, 3)))))
         self.last_attention = tuple(a.detach().float() for a in attention)
         return CANOutput((logits[0] + logits[1]) / 2, tuple(logits), attention)
+
+    def _forward_without_attention(self, maps: tuple[torch.Tensor, torch.Tensor]) -> CANOutput:
+        """The identity gate, g_i = p_i; ``last_attention`` holds the map value that gives it."""
+        logits = [head(self.drop(features.mean(dim=(2, 3))))
+                  for head, features in zip(self.heads, maps)]
+        first = maps[0]
+        held = first.new_full((first.shape[0], self.attention_convs[0].out_channels,
+                               *first.shape[-2:]), 0.0 if self.residual else 1.0)
+        self.last_attention = (held.detach().float(), held.detach().float())
+        return CANOutput((logits[0] + logits[1]) / 2, tuple(logits), None)
 
     def forward(self, x: torch.Tensor):
         """Mean logits [B, C]; the whole :class:`CANOutput` while ``output_branches`` is set
@@ -138,13 +174,15 @@ class CrossAttentionNetwork(nn.Module):
 class LogitEnsemble(nn.Module):
     """Two networks, each a whole classifier, whose logits are averaged: z = (z₁ + z₂) / 2.
 
-    CAN without the cross-attention, so that "CAN against one network" can be split into what a
-    second network adds (this model against each network alone) and what the attention adds
-    (CAN against this model: same networks, same loss, only the attention differs). Each branch
-    is the timm classifier itself (global pool and its own linear head), so the ensemble has
-    exactly the parameters of the two networks trained alone. ``forward`` returns z; with
-    ``output_branches`` set, a :class:`CANOutput` with ``attention=None`` (what
-    CANTrainer reads for its branch term). State-dict keys: ``networks.{0,1}.*``.
+    Two networks without CAN's additions, so that "CAN against one network" can be split into
+    what a second network adds (this model against each network alone) and what CAN adds on top
+    (CAN against this model: same networks, same loss, but CAN also projects and resizes the
+    maps and puts its own heads on them; the attention alone is CAN against CAN with
+    ``cross_attention=False``). Each branch is the timm classifier itself (global pool and its
+    own linear head), so the ensemble has exactly the parameters of the two networks trained
+    alone. ``forward`` returns z; with ``output_branches`` set, a :class:`CANOutput` with
+    ``attention=None`` (what CANTrainer reads for its branch term). State-dict keys:
+    ``networks.{0,1}.*``.
     """
 
     def __init__(self, network_1: nn.Module, network_2: nn.Module):
@@ -192,10 +230,12 @@ def build_can(num_classes, in_chans, image_size, pretrained=False, *,
               backbones: Sequence[str] = ("resnet18", "densenet121"),
               channels: int | None = None, attention: str = "spatial",
               shared_attention: bool = False, residual: bool = True, dropout: float = 0.0,
+              cross_attention: bool = True,
               backbone_kwargs: dict | Sequence[dict] | None = None) -> CrossAttentionNetwork:
     """CAN over two timm backbones. ``pretrained`` True loads both backbones' default weights;
     a weight file must be CAN weights that fit this model exactly (the factory loads those
     before calling here, so a file that reaches this builder is refused).
+    ``cross_attention=False``: the same model with the attention off (module docstring).
     ``backbone_kwargs``: one dict for both backbones or a pair of dicts."""
     names = _pair(backbones, "backbones")
     extras = _pair(backbone_kwargs or {}, "backbone_kwargs")
@@ -207,7 +247,8 @@ def build_can(num_classes, in_chans, image_size, pretrained=False, *,
                                **dict(extra or {})) for name, extra in zip(names, extras)]
     return CrossAttentionNetwork(built[0], built[1], num_classes, channels=channels,
                                  attention=attention, shared_attention=shared_attention,
-                                 residual=residual, dropout=dropout)
+                                 residual=residual, dropout=dropout,
+                                 cross_attention=cross_attention)
 
 
 @register_model("logit_ensemble")

@@ -43,7 +43,8 @@ def attention_loss(attention: Sequence[torch.Tensor], kind: str = "agree") -> to
 
 class CANTrainer(Trainer):
     """Trains a :class:`CrossAttentionNetwork` on ``ℓ(z) + λ_b·½Σℓ(z_i) + λ_a·L_att``, or its
-    control :class:`LogitEnsemble` on the same loss without the attention term (it has no maps).
+    controls, :class:`LogitEnsemble` and CAN with ``cross_attention=False``, on the same loss
+    without the attention term (no attention acts in them: their output has no maps).
 
     ``branch_weight`` λ_b, ``attention_weight`` λ_a, ``attention_loss`` "agree"/"sparsity"
     (module docstring). These settings go into the checkpoints' ``train_config["can"]`` and a

@@ -143,6 +143,98 @@ def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path):
         assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-5)
 
 
+# ---- the control with the attention off: CAN's own modules, the gate passing p through --------
+def _held_open(model: CrossAttentionNetwork, value: float) -> CrossAttentionNetwork:
+    """``model`` with every attention conv giving σ(±40): a = ``value`` (0 or 1) to float
+    precision, whatever the features: the gate replaced by the identity by hand."""
+    with torch.no_grad():
+        for conv in model.attention_convs:
+            conv.weight.zero_()
+            conv.bias.fill_(40.0 if value == 1 else -40.0)
+    return model
+
+
+@pytest.mark.parametrize("residual, identity_map", [(True, 0.0), (False, 1.0)])
+def test_attention_off_is_the_same_can_with_the_gate_passing_the_features_through(
+        residual, identity_map):
+    kwargs = dict(backbones=("test_resnet", "mobilenetv3_small_050"), channels=32,
+                  residual=residual)
+    seed_everything(0)
+    on = _can(**kwargs).eval()
+    seed_everything(0)
+    off = _can(cross_attention=False, **kwargs).eval()
+    # the same modules, parameters and (same seed) weights: only the switch differs
+    assert off.state_dict().keys() == on.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(),
+                                                  on.state_dict().values()))
+    count = sum(p.numel() for p in on.parameters())
+    assert sum(p.numel() for p in off.parameters()) == count
+    # the attention convs are built but frozen (never read: no gradient); the rest trains
+    assert not any(p.requires_grad for p in off.attention_convs.parameters())
+    assert all(p.requires_grad for name, p in off.named_parameters()
+               if not name.startswith("attention_convs."))
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = off.forward_branches(x)
+        # by hand: g_i = p_i, z_i = head_i(mean p_i), z = (z₁ + z₂)/2
+        p1, p2 = off.feature_maps(x)
+        z1, z2 = (off.heads[i](p.mean(dim=(2, 3))) for i, p in enumerate((p1, p2)))
+        # the attention-on model with its map forced to the identity gate's value
+        forced = _held_open(on, identity_map).forward_branches(x)
+    assert out.attention is None  # no maps reach the trainer: no attention term
+    assert torch.allclose(out.branch_logits[0], z1, atol=1e-6)
+    assert torch.allclose(out.branch_logits[1], z2, atol=1e-6)
+    assert torch.allclose(out.logits, (z1 + z2) / 2, atol=1e-6)
+    assert torch.allclose(out.logits, forced.logits, atol=1e-5)
+    assert all(torch.allclose(a, torch.full_like(a, identity_map)) for a in forced.attention)
+    # the maps for drawing: the held value, flat, on the first network's grid
+    maps = off.attention_maps()
+    assert maps.shape == (2, 2, *p1.shape[-2:]) and torch.equal(maps,
+                                                                torch.full_like(maps, identity_map))
+    # and the attention does change the output when it is on
+    with torch.no_grad():
+        seed_everything(0)
+        assert not torch.allclose(_can(**kwargs).eval()(x), out.logits, atol=1e-4)
+
+
+def test_attention_off_trains_without_the_attention_term_and_rebuilds_from_its_checkpoint(
+        tmp_path):
+    from cxrstudy.train.checkpoint import load_model_from_checkpoint
+
+    seed_everything(0)
+    model = _can(size=32, cross_attention=False, **TWO_RESNETS)
+    assert model.cxr_config["kwargs"]["cross_attention"] is False  # the recipe carries the switch
+    config = TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0, cpu=True, progress=False,
+                         checkpoint_dir=str(tmp_path / "run"))
+    trainer = CANTrainer(model, config, loss_fn="bce", branch_weight=0.5, attention_weight=2.0,
+                         class_names=CLASSES)
+    model.train()
+    loss = trainer.training_step(_batches(1, 32)[0])
+    terms = trainer.last_terms
+    assert terms["attention"].item() == 0.0
+    assert loss.item() == pytest.approx(float(terms["mean"] + 0.5 * terms["branches"]), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in model.attention_convs.parameters())
+    assert next(model.backbones[1].parameters()).grad.abs().sum() > 0
+    attention_before = [p.detach().clone() for p in model.attention_convs.parameters()]
+    trainer.fit(_batches(2, 32), _batches(1, 32, seed=1))
+    # weight decay and updates skip the frozen convs: they keep their initial draws
+    assert all(torch.equal(a, b) for a, b in zip(attention_before,
+                                                  model.attention_convs.parameters()))
+    rebuilt, meta = load_model_from_checkpoint(tmp_path / "run" / "best.pt")
+    assert meta["model_config"]["kwargs"]["cross_attention"] is False
+    assert isinstance(rebuilt, CrossAttentionNetwork) and rebuilt.cross_attention is False
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-5)
+        assert rebuilt.forward_branches(x).attention is None
+
+
+def test_the_attention_switch_takes_only_a_bool():
+    with pytest.raises(TypeError, match="cross_attention"):
+        _can(size=32, cross_attention="off", **TWO_RESNETS)
+
+
 # ---- the control without attention: two networks, logits averaged ----------------------------
 def test_logit_ensemble_is_the_mean_of_the_two_networks_logits_by_hand():
     seed_everything(0)
