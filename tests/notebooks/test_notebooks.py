@@ -208,7 +208,23 @@ def test_glori_notebook_writes_arms_buckets_and_label_efficiency(tiny_results):
     assert params["glori_cls"] - params["glori"] == 4 * 192 * 14
     assert params["linear_probe"] < params["glori"]
     assert {row["arm"] for row in metrics["auc_by_bucket"]} == set(params)
-    assert list(pd.read_csv(folder / "tables/arms.csv")["arm"]) == arms
+    table = pd.read_csv(folder / "tables/arms.csv")
+    assert list(table["arm"]) == arms and list(table.columns[:2]) == ["arm", "lr"]
+    # tiny searches two rates on linear_probe and glori_cls; the other arms train at lr only
+    rates = dict(zip(table["arm"], table["lr"]))
+    assert metrics["learning_rates"] == pytest.approx(rates)
+    assert {rates[a] for a in ("fine_tune", "linear_probe_last", "glori")} == {0.0005}
+    assert {rates["linear_probe"], rates["glori_cls"]} <= {0.0005, 0.002}
+    sweep = pd.read_csv(folder / "tables/lr_sweep.csv")
+    assert sweep.groupby("arm", sort=False).size().to_dict() == {
+        "fine_tune": 1, "linear_probe": 2, "linear_probe_last": 1, "glori": 1, "glori_cls": 2}
+    assert sweep.groupby("arm")["selected"].sum().eq(1).all() and not sweep["diverged"].any()
+    for arm, rows in sweep.groupby("arm"):  # the kept run: the best validation AUC of its arm
+        kept = rows[rows["selected"]].iloc[0]
+        assert kept["lr"] == rates[arm] and kept["val macro AUC"] == rows["val macro AUC"].max()
+        assert kept["run"] == (arm if kept["lr"] == 0.0005 else f"{arm}_lr_0.002")
+    assert (folder / "checkpoints/glori_cls_lr_0.002").is_dir()  # the other rate's run, kept aside
+    assert "validation split" in (folder / "tables/lr_sweep.md").read_text().splitlines()[0]
     efficiency = pd.DataFrame(metrics["label_efficiency"])
     assert sorted(efficiency["fraction"].unique()) == [0.25, 1.0]
     quarter = efficiency[efficiency["fraction"] == 0.25]["train images"].iloc[0]
@@ -240,6 +256,7 @@ def test_cross_attention_notebook_separates_the_second_network_from_the_attentio
     assert table.loc[table["arm"] != "single", "DeLong p (micro)"].between(0, 1).all()
     for row in metrics["arms_table"]:
         assert row["macro low"] <= row["macro AUC"] <= row["macro high"], row["arm"]
+    assert all(row.lr == rates[row.arm] for row in efficiency.itertuples())  # no second search
     comparisons = pd.DataFrame(metrics["comparisons"]).set_index("comparison")
     assert list(comparisons.index[:7]) == ["single_second − single", "ensemble − single",
                                            "ensemble − single_second",

@@ -2,8 +2,9 @@
 
 Every notebook runs with the paper profile's datasets, resolutions, models, arms, teacher and
 pretrained settings; these overrides (``-p key=value`` on top of the profile) change only how
-much is computed: images, epochs, batch size, bootstrap draws and the number of images the
-explanation notebook draws maps for. The report names them (:func:`scale_note`).
+much is computed: images, epochs, batch size, bootstrap draws, the learning rates 05 searches
+and the number of images the explanation notebook draws maps for. The report names them
+(:func:`scale_note`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ SCALE_OVERRIDES: dict[str, object] = {
     "max_boxed_images": 2,     # 07: boxed images scored per model (ScoreCAM: a forward per channel)
     "n_figure_images": 2,
     "score_cam_batch_size": 64,
+    "lr_grid": [0.0005, 0.001],  # 05: two of the paper grid's six rates (its lr and one more)
 }
 
 #: Images written per release (about; whole patients, every class covered first).
