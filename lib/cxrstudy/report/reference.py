@@ -3,7 +3,9 @@
 Each number carries where it comes from; a number we could not source is recorded with the
 reason instead of a value. :func:`check_reference` refuses an entry without a source, so a
 number cannot slip in unreferenced. A ``value`` is one number or, for a per-class metric, a
-mapping of class names to numbers (the report's per-class table reads it so).
+mapping of class names to numbers (the report's per-class table reads it so). ``requires``
+(optional) names the settings of the model the number was measured on (e.g. the MXA block's
+placement): the number stands only beside a run that recorded the same (:func:`meets_requirements`).
 """
 from __future__ import annotations
 
@@ -59,6 +61,10 @@ def check_reference(data: dict, where: str = REFERENCE_FILE) -> dict:
             if missing or not source.get("where") or not source.get("checked"):
                 raise ReferenceError(f"{label}: source needs {list(SOURCE_FIELDS)} "
                                      "('where' and 'checked' non-empty)")
+            requires = number.get("requires")
+            if requires is not None and (not isinstance(requires, dict) or not requires):
+                raise ReferenceError(f"{label}: 'requires' must map run settings to the values "
+                                     f"of the paper's model")
             has_value = _is_number(number.get("value")) or _is_per_class(number.get("value"))
             reason = number.get("not_available")
             if has_value == bool(reason):
@@ -102,6 +108,21 @@ def values_by_prefix(pid: str, prefix: str, params_dir: Path | None = None) -> d
             if e["key"].startswith(prefix + ".") and "value" in e}
 
 
+def meets_requirements(entry: dict[str, Any], settings: dict[str, Any] | None
+                       ) -> tuple[bool, str]:
+    """Whether a run with ``settings`` (what its notebook recorded for the arm) is the model the
+    number was measured on: every ``requires`` of the entry holds. No ``requires``: any run.
+    Returns (ok, what differs)."""
+    requires = entry.get("requires") or {}
+    if not requires:
+        return True, ""
+    if not settings:
+        return False, "its settings were not recorded"
+    differs = [f"{key} {settings.get(key)!r} (the paper's model: {value!r})"
+               for key, value in requires.items() if settings.get(key) != value]
+    return not differs, "; ".join(differs)
+
+
 def source_label(entry: dict[str, Any]) -> str:
     """Short citation of where a number comes from, for a table cell."""
     src = entry["source"]
@@ -110,5 +131,6 @@ def source_label(entry: dict[str, Any]) -> str:
     return ", ".join(str(p) for p in parts)
 
 
-__all__ = ["ReferenceError", "check_reference", "load_reference", "number", "paper",
+__all__ = ["ReferenceError", "check_reference", "load_reference", "meets_requirements", "number",
+           "paper",
            "reference_path", "source_label", "values_by_prefix"]

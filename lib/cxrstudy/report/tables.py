@@ -18,7 +18,7 @@ from ..outputs import dropped_summary
 from ..display import ci_columns, format_ci, format_number
 from ..tables import AUC_COLUMNS, auc_columns
 from .collect import NotebookResults
-from .reference import source_label
+from .reference import meets_requirements, source_label
 
 OURS = AUC_COLUMNS
 #: The value columns of :data:`OURS` and their CI columns, joined for display.
@@ -148,7 +148,8 @@ def _footnotes(paper: dict, numbers: list[dict]) -> list[str]:
             if isinstance(value, dict):  # a per-class mapping: its numbers are the table's column
                 value = f"({len(value)} classes, in the table)"
             notes.append(f"{n['metric']} {value} ({n['setting']}): {paper['short']}, "
-                         f"{source_label(n)}")
+                         f"{source_label(n)}" + "".join(f"; {n[extra]}" for extra in ("note", "selection")
+                                                      if n.get(extra)))
         else:
             notes.append(f"{n['metric']}: not available — {n['not_available']}")
     return notes
@@ -191,13 +192,23 @@ def paper_table(pid: str, paper: dict, results: dict[str, NotebookResults], note
             rows += [dict({c: None for c in OURS}, notebook=nb.name, arm=a, **{"params (M)": None},
                           note=_status_note(nb)) for a in dict.fromkeys(arms)]
     frame = pd.DataFrame(rows, columns=["notebook", "arm", *OURS, "params (M)", "note"])
+    settings = {nb.name: nb.metrics.get("arm_settings") or {} for nb in notebooks}
     for n in numbers:  # several numbers may share a column (one metric, different arms)
         column = f"paper {n['metric']}"
         if column not in frame:
             frame[column] = math.nan
-        if "value" in n:
-            rows_of_arms = [f"{nb}/{arm}" in n.get("arms", []) for nb, arm in zip(frame["notebook"], frame["arm"])]
-            frame.loc[rows_of_arms, column] = n["value"]
+        if "value" not in n:
+            continue
+        for row, (nb, arm) in enumerate(zip(frame["notebook"], frame["arm"])):
+            if f"{nb}/{arm}" not in n.get("arms", []):
+                continue
+            ran = frame.loc[row, "macro AUC"] is not None and not pd.isna(frame.loc[row, "macro AUC"])
+            same_model, differs = meets_requirements(n, settings[nb].get(arm))
+            if same_model or not ran:  # a missing run keeps the paper's number visible
+                frame.loc[row, column] = n["value"]
+            else:  # a paper number stands only beside the arm that rebuilds the paper's model
+                withheld = f"paper {n['value']} not shown: not the paper's model ({differs})"
+                frame.loc[row, "note"] = "; ".join(filter(None, [frame.loc[row, "note"], withheld]))
     if frame["note"].eq("").all():
         frame = frame.drop(columns="note")
     title = f"{paper.get('name', pid.upper())}: {paper['title']}"
@@ -252,17 +263,24 @@ def per_class_table(pid: str, paper: dict, results: dict[str, NotebookResults],
                        intervals, note)
 
 
+#: The authors' logged runs and the column of the parameter table each count goes to.
+_LOGGED_RUNS = {"baseline": "authors' log without (M)", "mxa": "authors' log with (M)",
+                "mxa_kd": "authors' log with + KD (M)"}
+
+
 def parameter_table(pid: str, paper: dict, results: dict[str, NotebookResults],
                     note: str = "") -> ReportTable | None:
-    """Parameter counts a notebook recorded (``metrics['parameters']``) beside the paper's."""
+    """Parameter counts a notebook recorded (``metrics['parameters']``) beside the authors'
+    logged ones (``log_n_parameters.*``; their baseline's is that of a three-channel stem)."""
     numbers = [n for n in paper["numbers"] if n["metric"].startswith("parameters")]
     if not numbers:
         return None
-    reported: dict[str, dict[str, float]] = {}
-    for n in numbers:
-        if "value" in n and n["key"].count(".") == 2:  # params_m.<variant>.<with_mxa|without_mxa>
-            _, variant, which = n["key"].split(".")
-            reported.setdefault(variant, {})[which] = n["value"]
+    # the authors' logged counts (log_n_parameters.<run>), for the paper's model
+    logged = {n["key"].split(".", 1)[1]: n["value"] for n in numbers
+              if n["key"].startswith("log_n_parameters.") and "value" in n}
+    variant = paper["setting"].get("model_id")
+    reported = {variant: {column: logged[run] / 1e6 for run, column in _LOGGED_RUNS.items()
+                          if run in logged}} if logged and variant else {}
     notebooks = [results.get(n) or NotebookResults(n, None, "missing") for n in paper["notebooks"]]
     rows = {}
     for nb in notebooks:
@@ -273,11 +291,12 @@ def parameter_table(pid: str, paper: dict, results: dict[str, NotebookResults],
         rows.setdefault(variant, {"model": variant, "ours without (M)": math.nan,
                                   "ours with (M)": math.nan})
     frame = pd.DataFrame(list(rows.values()), columns=["model", "ours without (M)", "ours with (M)"])
-    frame["paper without (M)"] = [reported.get(m, {}).get("without_mxa", math.nan) for m in frame["model"]]
-    frame["paper with (M)"] = [reported.get(m, {}).get("with_mxa", math.nan) for m in frame["model"]]
+    for column in _LOGGED_RUNS.values():
+        frame[column] = [reported.get(m, {}).get(column, math.nan) for m in frame["model"]]
     counted = [nb for nb in notebooks if nb.metrics.get("parameters")]
     caption = caption_for(paper, counted or notebooks, "Parameter counts (millions) without and "
-                          "with the block, ours beside the paper's", numbers)
+                          "with the block, ours beside the authors' training logs (the paper's "
+                          "text gives no count we could cite)", numbers)
     return ReportTable(f"{pid}_parameters", f"{paper.get('name', pid.upper())}: parameter counts", caption, frame,
                        note=note)
 

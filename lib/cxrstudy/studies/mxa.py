@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -37,13 +37,15 @@ def paper_entry() -> dict:
     return reference.paper("mxa")
 
 
-def paper_parameters_m() -> dict[str, dict[str, float]]:
-    """Reported parameter counts, in millions (14 classes, 224 px): variant → without/with MXA."""
-    counts: dict[str, dict[str, float]] = {}
-    for key, value in reference.values_by_prefix("mxa", "params_m").items():  # <variant>.<with_mxa|without_mxa>
-        variant, which = key.split(".", 1)
-        counts.setdefault(variant, {})[which.replace("_mxa", " MXA")] = value
-    return counts
+def authors_parameters_m() -> dict[str, dict[str, float]]:
+    """The authors' logged parameter counts in millions (M5, 14 classes, 224 px), by run:
+    ``without MXA`` (their baseline, a three-channel stem), ``with MXA`` and ``with MXA + KD``
+    (the distillation head too). The paper's text gives no count we could cite; the 12.09 M and
+    16.16 M quoted for it round the first and the last of these."""
+    logged = authors_n_parameters()
+    runs = {"without MXA": "baseline", "with MXA": "mxa", "with MXA + KD": "mxa_kd"}
+    variant = paper_entry()["setting"]["model_id"]
+    return {variant: {label: logged[run] / 1e6 for label, run in runs.items() if run in logged}}
 
 
 def paper_micro_auc() -> dict[str, float]:
@@ -57,17 +59,28 @@ def paper_gain() -> float:
     return round(reported["mxa_kd"] - reported["baseline"], 4)
 
 
-def paper_micro_auc_by_arm(notebook: str = "03_knowledge_distillation") -> dict[str, float]:
+def paper_micro_auc_by_arm(notebook: str = "03_knowledge_distillation",
+                           settings: Mapping[str, Mapping[str, Any]] | None = None
+                           ) -> dict[str, float]:
     """The paper's micro AUCs keyed by the arm of ``notebook`` each belongs beside (the ``arms``
     of its entry in params/paper_reference.yaml): the 0.66 baseline sits beside
-    ``authors_baseline``, the model that reproduces it, not beside our correctly trained one."""
+    ``authors_baseline``, the model that reproduces it, not beside our correctly trained one.
+
+    ``settings`` (arm → :func:`arm_settings`, what the notebook ran) keeps a number only beside
+    an arm that rebuilds the authors' model (the entry's ``requires``): the paper's 0.85 does not
+    stand beside an ``mxa_kd`` run with our ``mixer`` placement. Without ``settings``, the
+    entries' arms as listed."""
     found = {}
     for entry in paper_entry()["numbers"]:
         if entry["key"].startswith("micro_auc.") and "value" in entry:
             for spec in entry.get("arms", []):
                 source, _, arm = spec.partition("/")
-                if source == notebook:
-                    found[arm] = entry["value"]
+                if source != notebook:
+                    continue
+                if settings is not None and not reference.meets_requirements(
+                        entry, settings.get(arm))[0]:
+                    continue
+                found[arm] = entry["value"]
     return found
 
 
@@ -78,7 +91,7 @@ def authors_n_parameters() -> dict[str, int]:
 
 _ON_ACCESS = {
     "PAPER": lambda: f"{paper_entry()['short']}, {paper_entry()['setting']['dataset']}",
-    "PAPER_PARAMETERS_M": paper_parameters_m,
+    "AUTHORS_PARAMETERS_M": authors_parameters_m,
     "PAPER_MICRO_AUC": paper_micro_auc,
     "PAPER_GAIN": paper_gain,
     "PAPER_MICRO_AUC_BY_ARM": paper_micro_auc_by_arm,  # the paper column of 03's ablation table
@@ -106,6 +119,9 @@ class Arm:
     mxa_mode: str = "sum"
     roi_init: str = "default"
     output: str = "logits"
+    #: where the MXA block sits (:data:`cxrstudy.models.mxa.MXA_PLACEMENTS`); None: the
+    #: notebook's ``mxa_placement``. ``*_mixer`` arms pin ours, whatever the notebook says.
+    placement: str | None = None
 
 
 ARMS = {
@@ -115,6 +131,10 @@ ARMS = {
     "mxa": Arm(mxa=True, kd=False),
     "kd": Arm(mxa=False, kd=True),
     "mxa_kd": Arm(mxa=True, kd=True),
+    # our placement (beside LWA) as an arm of its own, so that a profile running the authors'
+    # block_input wiring for mxa / mxa_kd (the rows beside their numbers) still shows ours
+    "mxa_mixer": Arm(mxa=True, kd=False, placement="mixer"),
+    "mxa_kd_mixer": Arm(mxa=True, kd=True, placement="mixer"),
     # our options, beside the authors' faithful sum: a crop the loss can train, and the gate
     "mxa_kd_differentiable": Arm(mxa=True, kd=True, crop="differentiable", roi_init="whole"),
     "mxa_kd_gated": Arm(mxa=True, kd=True, mxa_mode="gated"),
@@ -137,6 +157,8 @@ def arm_model(arm: str, backbone: str = "efficientvit_m5") -> tuple[str, dict]:
     else:
         name, kwargs = f"{backbone}_mxa", dict(mxa_mode=spec.mxa_mode, crop=spec.crop,
                                                roi_init=spec.roi_init)
+        if spec.placement is not None:
+            kwargs["mxa_placement"] = spec.placement
         if spec.kd:
             kwargs["distilled"] = True
     if spec.output == "sigmoid":
@@ -144,9 +166,57 @@ def arm_model(arm: str, backbone: str = "efficientvit_m5") -> tuple[str, dict]:
     return name, kwargs
 
 
-def arms_table(arms: Iterable[str]) -> pd.DataFrame:
-    """What each arm changes, for the notebook's table of arms."""
-    return pd.DataFrame([dict(arm=a, **asdict(ARMS[a])) for a in arms])
+#: The model the authors' code trains (and their logs and the paper's numbers come from): MXA
+#: summed at each block's input, their integer crop, PyTorch's initialisation of the ROI head.
+AUTHORS_MXA = {"placement": "block_input", "mxa_mode": "sum", "crop": "faithful",
+               "roi_init": "default"}
+
+
+def arm_settings(arm: str, mxa_options: Mapping[str, Any] | None = None,
+                 placement: str = "mixer") -> dict[str, Any]:
+    """What ``arm`` trains once the notebook's options are applied: the :class:`Arm` fields,
+    ``mxa_options`` (``crop``, ``mxa_mode``, ``roi_init``, ``mxa_placement``) over the arm's own
+    MXA settings, ``placement`` for arms that do not pin theirs; and whether that is a model the
+    authors trained (``authors_model``: their double-sigmoid baseline, or MXA wired as
+    :data:`AUTHORS_MXA`), the only arms a number of theirs may stand beside."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    settings = asdict(ARMS[arm])
+    options = dict(mxa_options or {})
+    placement = options.pop("mxa_placement", placement)
+    if settings["placement"] is None:
+        settings["placement"] = placement
+    if settings["mxa"]:
+        unknown = sorted(set(options) - {"crop", "mxa_mode", "roi_init"})
+        if unknown:
+            raise ValueError(f"mxa_options: unknown {unknown}; use crop, mxa_mode, roi_init, "
+                             f"mxa_placement")
+        settings.update(options)
+    else:  # no block: its options do not apply
+        settings.update(crop=None, mxa_mode=None, roi_init=None, placement=None)
+    if settings["mxa"]:  # their +MXA and +MXA+KD runs
+        settings["authors_model"] = all(settings[k] == v for k, v in AUTHORS_MXA.items())
+    else:  # their baseline is the double-sigmoid model; they ran no KD without MXA
+        settings["authors_model"] = settings["output"] == "sigmoid" and not settings["kd"]
+    return settings
+
+
+def settings_by_arm(arms: Iterable[str], mxa_options: Mapping[str, Any] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Arm → :func:`arm_settings`: what metrics.json records, and what decides which arm a
+    number of the paper may stand beside."""
+    return {arm: arm_settings(arm, mxa_options) for arm in arms}
+
+
+def arms_table(arms: Iterable[str], mxa_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """What each arm changes (:func:`arm_settings`), for the notebook's table of arms."""
+    return pd.DataFrame([dict(arm=arm, **settings)
+                         for arm, settings in settings_by_arm(arms, mxa_options).items()])
+
+
+def selection_note() -> str:
+    """How the paper's 0.85 was chosen, beside ours (params/paper_reference.yaml's note)."""
+    return reference.number("mxa", "micro_auc.mxa_kd").get("selection", "")
 
 
 def _meta_model(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
@@ -159,19 +229,21 @@ def _meta_model(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
 def parameter_counts(variants: Iterable[str] = ("efficientvit_m0", "efficientvit_m5"),
                      num_classes: int = 14, in_chans: int = 1, image_size: int = 224
                      ) -> pd.DataFrame:
-    """Parameters with and without MXA (millions), the paper's rounded counts beside ours."""
+    """Parameters with and without MXA (millions), the authors' logged counts beside ours
+    (:func:`authors_parameters_m`; their baseline's count is that of a three-channel stem)."""
     rows = []
     for variant in variants:
         shape = dict(in_chans=in_chans, image_size=image_size)
         plain = _meta_model(variant, num_classes, **shape)
         with_mxa = _meta_model(f"{variant}_mxa", num_classes, **shape)
-        paper = paper_parameters_m().get(variant, {})
+        logged = authors_parameters_m().get(variant, {})
         rows.append({
             "model": variant, "without MXA (M)": count_parameters(plain) / 1e6,
             "with MXA (M)": count_parameters(with_mxa) / 1e6,
             "trained with faithful crop (M)": count_parameters(with_mxa, trainable_only=True) / 1e6,
-            "paper without (M)": paper.get("without MXA", np.nan),
-            "paper with (M)": paper.get("with MXA", np.nan),
+            "authors' log without (M)": logged.get("without MXA", np.nan),
+            "authors' log with (M)": logged.get("with MXA", np.nan),
+            "authors' log with + KD (M)": logged.get("with MXA + KD", np.nan),
         })
     return pd.DataFrame(rows)
 
@@ -215,7 +287,8 @@ def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None
     """Train and test one arm with :func:`cxrstudy.experiment.train_and_evaluate`.
 
     KD arms train with :class:`cxrstudy.train.DistillationTrainer` against ``teacher``;
-    ``mxa_options`` (``crop``, ``mxa_mode``, ``roi_init``) replace the arm's own MXA settings.
+    ``mxa_options`` (``crop``, ``mxa_mode``, ``roi_init``, ``mxa_placement``) replace the arm's
+    own MXA settings, except the placement an arm pins (``mxa_mixer``, ``mxa_kd_mixer``).
     Every arm trains on the same ``schedule``; ``train_kwargs`` (seed, n_boot, …) go to
     ``train_and_evaluate`` as they are.
     """
@@ -225,6 +298,8 @@ def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None
     name, model_kwargs = arm_model(arm, backbone)
     if mxa_options and ARMS[arm].mxa:
         model_kwargs.update(mxa_options)
+    if ARMS[arm].placement is not None:  # a *_mixer arm keeps its own placement
+        model_kwargs["mxa_placement"] = ARMS[arm].placement
     if ARMS[arm].kd:
         if teacher is None:
             raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
@@ -409,7 +484,8 @@ def roi_figure(model: torch.nn.Module, dataset, n_images: int):
                                      truth=[dataset.meta(i)["boxes"] for i in chosen])
 
 
-__all__ = ["ARMS", "Arm", "arm_model", "teacher_sentence", "paper_entry", "paper_parameters_m", "paper_micro_auc",
+__all__ = ["ARMS", "AUTHORS_MXA", "Arm", "arm_model", "arm_settings", "settings_by_arm",
+           "selection_note", "teacher_sentence", "paper_entry", "authors_parameters_m", "paper_micro_auc",
            "paper_gain", "authors_n_parameters",
            "arms_table", "parameter_counts", "authors_parameter_counts", "AUTHORS_RUNS",
            "train_arm", "prepare_teacher", "sibling_run",
