@@ -177,12 +177,34 @@ def test_low_resolution_notebook_writes_every_arm_and_the_small_vs_large_contras
     assert params["teacher_56"] - params["alone_28"] == patch_weights(8) - patch_weights(4)
     grids = pd.read_csv(folder / "tables/token_grids.csv")
     assert list(grids["patch tokens"]) == [49, 49]
+    # the contrasts: logit_kd and mlcak minus alone at 28 px; every 28 px ViT arm minus the
+    # teacher at 56 px (tiny's hybrid has no 56 px run to subtract)
     groups = pd.read_csv(folder / "tables/group_deltas.csv")
-    assert set(groups["arm"]) == {"logit_kd", "mlcak"}
-    assert {"small lesion", "large finding"} <= set(groups.columns)
+    assert set(zip(groups["comparison"], groups["arm"], groups["reference"])) == {
+        ("distillation", "logit_kd", "alone 28 px"), ("distillation", "mlcak", "alone 28 px"),
+        ("resolution", "alone", "teacher 56 px"), ("resolution", "logit_kd", "teacher 56 px"),
+        ("resolution", "mlcak", "teacher 56 px")}
+    assert list(groups["group"].unique()) == ["small lesion", "large finding", "other"]
     deltas = pd.read_csv(folder / "tables/per_class_deltas.csv")
     check = deltas.dropna(subset=["Δ AUC"])
-    assert np.allclose(check["Δ AUC"], check["AUC"] - check["AUC alone"])
+    assert np.allclose(check["Δ AUC"], check["AUC"] - check["reference AUC"])
+    intervals = check.dropna(subset=["Δ low", "Δ high"])
+    assert len(intervals) and (intervals["Δ low"] <= intervals["Δ high"]).all()
+    # the test positives beside each Δ; classes under min_test_positives (5) stay out of the
+    # group means, which average the per-class Δ of the classes kept
+    assert metrics["min_test_positives"] == 5 and metrics["teacher_pretrained"] is False
+    assert metrics["models"]["teacher_56"]["overall"]["macro_auc_resamples_skipped"] >= 0
+    positives = deltas.drop_duplicates("class").set_index("class")["test positives"]
+    assert positives["Nodule"] >= 5 and positives["Hernia"] < 5
+    assert (deltas["in group mean"] == ((deltas["test positives"] >= 5)
+                                        & deltas["Δ AUC"].notna())).all()
+    kept = deltas[deltas["in group mean"]]
+    means = kept.groupby(["comparison", "arm", "group"])["Δ AUC"].mean()
+    for row in groups.dropna(subset=["Δ AUC"]).itertuples(index=False):
+        assert row[5] == pytest.approx(means[(row.comparison, row.arm, row.group)])
+    assert "Hernia" in groups.set_index(["comparison", "arm", "group"]).loc[
+        ("distillation", "mlcak", "other"), "left out (test positives)"]
+    assert len(metrics["group_deltas"]) == len(groups)
     for figure in ("resolutions", "auc_vs_resolution", "attention_maps"):
         assert (folder / f"figures/{figure}.png").stat().st_size > 1000
 

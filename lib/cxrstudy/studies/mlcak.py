@@ -11,6 +11,10 @@ The distilled arms feed the teacher the same training rows at its own resolution
 the student's batch upsampled (``"upsampled_lr"``); each run records which in
 ``run.extra["teacher_input"]`` and the global label's rule in ``run.extra["global_label"]``
 (:mod:`cxrstudy.train.mlcak`).
+
+The small-vs-large contrast (:func:`contrast_pairs`, :func:`paired_deltas`) gives each
+comparison's ΔAUC per class and per class group with paired patient-bootstrap CIs, the test
+positives beside each class, and leaves classes with few test positives out of the group means.
 """
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ SMALL_LESIONS = ("Nodule", "Mass", "Lung Lesion", "Nodule/Mass")
 #: spelled "Effusion" (NIH), "Pleural Effusion" (CheXpert), "Pleural effusion" (VinDr-CXR).
 LARGE_FINDINGS = ("Cardiomegaly", "Effusion", "Pleural Effusion", "Pleural effusion")
 NO_TEACHER = "—"
+GROUPS = ("small lesion", "large finding", "other")
+#: Classes with fewer known positives on the test split stay out of the group means
+#: (see :func:`paired_deltas`).
+MIN_TEST_POSITIVES = 5
 
 
 def prepare_resolutions(dataset: str, data_root, sizes: Iterable[int], **prepare_kwargs
@@ -104,14 +112,21 @@ def token_grids(sizes: Iterable[int], grid: int) -> pd.DataFrame:
 def train_teacher(data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
                   model: str = "deit_small_mt", grid: int = 14,
                   global_label: str = "no_finding", model_kwargs: dict | None = None,
-                  **train_kwargs):
+                  pretrained: bool | str = False, **train_kwargs):
     """The two-task ViT teacher at the data's (highest) resolution, trained alone
-    (``model_kwargs``: more options of the ViT beside the patch size)."""
+    (``model_kwargs``: more options of the ViT beside the patch size).
+
+    ``pretrained`` is the teacher's initialisation, which the paper does not give: False (from
+    scratch), True (the ViT's ImageNet weights from the local timm cache, through
+    :func:`cxrstudy.models.create_model`, which says what to download when they are missing) or
+    a weight file. The students always start from scratch.
+    """
     from ..experiment import train_and_evaluate
     from ..train.mlcak import MLCAKTrainer, dataset_global_labels
 
     labels = dataset_global_labels(data.train, global_label)
     run = train_and_evaluate(model, data, out, schedule, tag=f"teacher_{data.image_size}",
+                             pretrained=pretrained,
                              model_kwargs=dict(vit_kwargs(data.image_size, grid),
                                                **(model_kwargs or {})),
                              trainer_cls=MLCAKTrainer,
@@ -203,31 +218,124 @@ def class_groups(class_names: Sequence[str]) -> pd.DataFrame:
         groups.setdefault(class_group(name), []).append(name)
     return pd.DataFrame([{"group": group, "classes": ", ".join(groups.get(group, [])) or "—",
                           "count": len(groups.get(group, []))}
-                         for group in ("small lesion", "large finding", "other")])
+                         for group in GROUPS])
 
 
-def per_class_deltas(runs: Mapping[tuple[str, int], object], reference: str = "alone",
-                     arms: Sequence[str] = ("logit_kd", "mlcak")) -> pd.DataFrame:
-    """AUC of each distilled arm minus the student alone, per class and resolution, with the
-    class's group (small lesion, large finding, other)."""
-    rows = []
-    for (arm, size), run in runs.items():
-        if arm not in arms or (reference, size) not in runs:
+def contrast_pairs(runs: Mapping[tuple[str, int], object], teacher_size: int,
+                   reference: str = "alone", distilled: Sequence[str] = ("logit_kd", "mlcak")
+                   ) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
+    """The comparisons of the small-vs-large table, ``(comparison, model, reference)`` run keys:
+
+    - ``"distillation"``: each distilled arm minus ``reference`` (the student alone) at the
+      same size: what the teacher adds, everything else equal;
+    - ``"resolution"``: every run at a smaller size minus the same network at the teacher's
+      size. For the ViT arms that network is the teacher — the same two-task ViT trained alone,
+      on the same split, but for ``teacher_epochs``; for any other network (the hybrid) its own
+      run at that size, where there is one.
+
+    Pairs whose reference did not run are left out.
+    """
+    pairs = []
+    for (arm, size) in runs:
+        if arm in distilled and (reference, size) in runs:
+            pairs.append(("distillation", (arm, size), (reference, size)))
+    for (arm, size) in runs:
+        if arm == "teacher" or size >= teacher_size:
             continue
-        base = runs[(reference, size)].per_class.set_index("class")["auc"]
-        for record in run.per_class.itertuples(index=False):
-            rows.append({"class": record[0], "group": class_group(record[0]), "arm": arm,
-                         "resolution": int(size), "AUC": record.auc,
-                         f"AUC {reference}": base.get(record[0], np.nan),
-                         "Δ AUC": record.auc - base.get(record[0], np.nan)})
-    return pd.DataFrame(rows)
+        large = ("teacher", teacher_size) if arm in ARMS else (arm, teacher_size)
+        if large in runs:
+            pairs.append(("resolution", (arm, size), large))
+    return pairs
 
 
-def group_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
-    """Mean Δ AUC per group, arm and resolution (the small-vs-large contrast)."""
-    return (deltas.groupby(["group", "arm", "resolution"], as_index=False)["Δ AUC"].mean()
-            .pivot_table(index=["arm", "resolution"], columns="group", values="Δ AUC")
-            .reset_index())
+def _check_same_test_rows(model, reference, names: tuple[str, str]) -> None:
+    """Both runs scored the same test images, in the same order (one split at every size)."""
+    same = (np.array_equal(np.asarray(model.patient_ids), np.asarray(reference.patient_ids))
+            and np.array_equal(np.asarray(model.masks), np.asarray(reference.masks))
+            and np.array_equal(np.asarray(model.targets, dtype=float),
+                               np.asarray(reference.targets, dtype=float), equal_nan=True))
+    if not same:
+        raise ValueError(f"{names[0]} and {names[1]} were scored on different test rows; a "
+                         f"paired comparison needs the same images in the same order")
+
+
+def _with_positives(names: Iterable[str], positives: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} ({positives[name]})" for name in names) or "—"
+
+
+def paired_deltas(runs: Mapping[tuple[str, int], object],
+                  pairs: Sequence[tuple[str, tuple[str, int], tuple[str, int]]], *,
+                  min_test_positives: int = MIN_TEST_POSITIVES, n_boot: int = 1000,
+                  seed: int = 0, alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ΔAUC of each pair of :func:`contrast_pairs`, per class and per group, with paired
+    patient-bootstrap CIs (:func:`cxrstudy.metrics.paired_auc_difference`: both models scored
+    on the same resampled patients).
+
+    Δ_c = AUC_c(model) − AUC_c(reference); a group's Δ̄ = (1/|G|) Σ_{c∈G} Δ_c over its classes
+    with at least ``min_test_positives`` known positives on the test split. Below that a
+    class's AUC rests on a handful of images, and a bootstrap resample loses all k positive
+    patients with probability ≈ e⁻ᵏ (37% for k = 1, 0.7% for k = 5), so the group's interval
+    would rest on the resamples that happen to keep them.
+
+    Returns ``(per_class, groups)``. per_class: comparison, arm, resolution, reference, class,
+    group, test positives, AUC, reference AUC, Δ AUC, Δ low, Δ high, in group mean. groups
+    (one row per pair and group): comparison, arm, resolution, reference, group, Δ AUC, Δ low,
+    Δ high, classes (test positives), left out (test positives), resamples kept.
+    """
+    from ..metrics import label_counts, paired_auc_difference
+
+    if int(min_test_positives) < 0:
+        raise ValueError(f"min_test_positives must be 0 or more, got {min_test_positives}")
+    per_class_rows, group_rows = [], []
+    for comparison, model_key, reference_key in pairs:
+        model, reference = runs[model_key], runs[reference_key]
+        names = (f"{model_key[0]} {model_key[1]} px", f"{reference_key[0]} {reference_key[1]} px")
+        _check_same_test_rows(model, reference, names)
+        classes = [str(c) for c in model.per_class["class"]]
+        positives = dict(zip(classes, label_counts(model.targets, model.masks)[0].tolist()))
+        groups = {name: class_group(name) for name in classes}
+        counted = {name for name in classes if positives[name] >= int(min_test_positives)}
+        sets = {group: [c for c in classes if groups[c] == group and c in counted]
+                for group in GROUPS}
+        per_class, by_group = paired_auc_difference(
+            model.targets, model.probs, reference.probs, classes, mask=model.masks,
+            patient_ids=model.patient_ids, class_sets=sets, n_boot=n_boot, seed=seed,
+            alpha=alpha, progress=False)
+        pair = {"comparison": comparison, "arm": model_key[0], "resolution": int(model_key[1]),
+                "reference": names[1]}
+        averaged = counted & set(per_class.loc[np.isfinite(per_class["delta"]), "class"])
+        for row in per_class.itertuples(index=False):
+            per_class_rows.append({**pair, "class": row[0], "group": groups[row[0]],
+                                   "test positives": int(row.n_pos), "AUC": row.auc_a,
+                                   "reference AUC": row.auc_b, "Δ AUC": row.delta,
+                                   "Δ low": row.delta_low, "Δ high": row.delta_high,
+                                   "in group mean": row[0] in averaged})
+        for group, row in zip(sets, by_group.itertuples(index=False)):
+            members = [c for c in classes if groups[c] == group]
+            left_out = [c for c in members if c not in averaged]
+            averaged_here = [c for c in members if c in averaged]
+            group_rows.append({**pair, "group": group, "Δ AUC": row.delta,
+                               "Δ low": row.delta_low, "Δ high": row.delta_high,
+                               "classes (test positives)": _with_positives(averaged_here,
+                                                                           positives),
+                               "left out (test positives)": _with_positives(left_out, positives),
+                               "resamples kept": int(row.n_valid)})
+    per_class_columns = ["comparison", "arm", "resolution", "reference", "class", "group",
+                         "test positives", "AUC", "reference AUC", "Δ AUC", "Δ low", "Δ high",
+                         "in group mean"]
+    group_columns = ["comparison", "arm", "resolution", "reference", "group", "Δ AUC", "Δ low",
+                     "Δ high", "classes (test positives)", "left out (test positives)",
+                     "resamples kept"]
+    return (pd.DataFrame(per_class_rows, columns=per_class_columns),
+            pd.DataFrame(group_rows, columns=group_columns))
+
+
+def left_out_classes(per_class: pd.DataFrame) -> str:
+    """The classes :func:`paired_deltas` left out of every group mean, with their test
+    positives (``"Hernia (1), Edema (2)"``; ``"none"``), for a caption."""
+    rows = per_class.drop_duplicates("class")
+    names = rows.loc[~rows["in group mean"], ["class", "test positives"]]
+    return ", ".join(f"{c} ({n})" for c, n in names.itertuples(index=False)) or "none"
 
 
 def attention_figure(runs: Mapping[tuple[str, int], object], data: Mapping[int, StudyData],
@@ -270,8 +378,10 @@ def resolution_strip(data: Mapping[int, StudyData], sizes: Iterable[int], index:
     return images, boxes, data[sizes[0]].test.meta(index)["image_id"]
 
 
-__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER",
+__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "GROUPS",
+           "MIN_TEST_POSITIVES",
            "prepare_resolutions", "open_resolutions",
            "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
-           "resolution_table", "class_group", "class_groups", "per_class_deltas", "group_deltas",
+           "resolution_table", "class_group", "class_groups", "contrast_pairs", "paired_deltas",
+           "left_out_classes",
            "attention_figure", "resolution_strip"]

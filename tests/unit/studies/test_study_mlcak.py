@@ -1,4 +1,5 @@
-"""The low-resolution study glue: token grids per size, one split at every size, deltas, maps."""
+"""The low-resolution study glue: token grids per size, one split at every size, paired
+ΔAUC with patient-bootstrap CIs, the teacher's initialisation, maps."""
 import gzip
 import importlib.util
 from pathlib import Path
@@ -90,25 +91,141 @@ def _run(aucs, teacher_input="high_res"):
                            tag="run", history=pd.DataFrame({"epoch": [1, 2]}))
 
 
-def test_deltas_against_the_student_alone_by_hand():
+def test_resolution_table_by_hand():
     runs = {("alone", 28): _run([0.60, 0.70, 0.50], None),
             ("mlcak", 28): _run([0.64, 0.69, 0.50]),
             ("logit_kd", 28): _run([0.58, 0.75, 0.52], "upsampled_lr"),
             ("mlcak", 56): _run([0.9, 0.9, 0.9])}
-    deltas = study.per_class_deltas(runs)
-    # no "alone" run at 56 px: nothing to subtract, so that size is left out
-    assert set(deltas["resolution"]) == {28}
-    mlcak = deltas[deltas["arm"] == "mlcak"].set_index("class")["Δ AUC"]
-    assert mlcak["Nodule"] == pytest.approx(0.04) and mlcak["Cardiomegaly"] == pytest.approx(-0.01)
-    groups = study.group_deltas(deltas).set_index("arm")
-    assert groups.loc["logit_kd", "large finding"] == pytest.approx(0.05)
-    assert groups.loc["logit_kd", "small lesion"] == pytest.approx(-0.02)
     table = study.resolution_table(runs)
     assert list(zip(table["arm"], table["resolution"])) == [
         ("alone", 28), ("logit_kd", 28), ("mlcak", 28), ("mlcak", 56)]
     assert table.loc[0, "macro AUC"] == pytest.approx(0.6)
     assert list(table["teacher input"]) == [study.NO_TEACHER, "upsampled_lr", "high_res",
                                             "high_res"]
+
+
+def test_contrast_pairs_compare_with_alone_and_with_the_same_network_at_the_teachers_size():
+    runs = dict.fromkeys([("teacher", 56), ("alone", 28), ("logit_kd", 28), ("mlcak", 28),
+                          ("mlcak", 42), ("efficientvit_m0", 28), ("efficientvit_m0", 56),
+                          ("efficientvit_m5", 28)])
+    assert study.contrast_pairs(runs, 56) == [
+        ("distillation", ("logit_kd", 28), ("alone", 28)),
+        ("distillation", ("mlcak", 28), ("alone", 28)),  # no alone at 42 px: no such pair
+        ("resolution", ("alone", 28), ("teacher", 56)),  # the ViT arms: the teacher
+        ("resolution", ("logit_kd", 28), ("teacher", 56)),
+        ("resolution", ("mlcak", 28), ("teacher", 56)),
+        ("resolution", ("mlcak", 42), ("teacher", 56)),
+        ("resolution", ("efficientvit_m0", 28), ("efficientvit_m0", 56)),  # its own 56 px run
+    ]  # efficientvit_m5 never ran at 56 px: left out
+
+
+CLASSES = ["Nodule", "Mass", "Cardiomegaly", "Hernia"]
+
+
+def _scored_run(probs, targets, patients):
+    """A run as paired_deltas reads it: test predictions, labels, masks and patient ids."""
+    from cxrstudy.metrics import per_class_auc
+
+    return SimpleNamespace(per_class=pd.DataFrame({"class": CLASSES,
+                                                   "auc": per_class_auc(targets, probs)}),
+                           probs=probs, targets=targets, masks=np.ones_like(targets),
+                           patient_ids=patients)
+
+
+def _test_split():
+    """40 patients, one image each: 10 nodules, 2 masses, 8 cardiomegalies, no hernia."""
+    rng = np.random.default_rng(0)
+    targets = np.zeros((40, 4))
+    targets[:10, 0] = 1
+    targets[[10, 11], 1] = 1
+    targets[20:28, 2] = 1
+    scores = rng.random((40, 4)) + 0.3 * targets
+    return targets, scores, np.array([f"p{i}" for i in range(40)])
+
+
+def test_paired_deltas_of_identical_models_are_zero_with_a_zero_interval():
+    targets, scores, patients = _test_split()
+    runs = {("alone", 28): _scored_run(scores, targets, patients),
+            ("mlcak", 28): _scored_run(scores.copy(), targets, patients)}
+    per_class, groups = study.paired_deltas(runs, study.contrast_pairs(runs, 56), n_boot=50)
+    assert set(per_class["comparison"]) == {"distillation"}
+    assert set(per_class["reference"]) == {"alone 28 px"}
+    defined = per_class.dropna(subset=["Δ AUC"])
+    assert list(defined["class"]) == ["Nodule", "Mass", "Cardiomegaly"]  # Hernia: no positive
+    assert (defined[["Δ AUC", "Δ low", "Δ high"]] == 0.0).all().all()
+    counted = groups.dropna(subset=["Δ AUC"])
+    assert list(counted["group"]) == ["small lesion", "large finding"]
+    assert (counted[["Δ AUC", "Δ low", "Δ high"]] == 0.0).all().all()
+
+
+def test_paired_deltas_leave_classes_with_few_test_positives_out_of_the_group_means():
+    targets, scores, patients = _test_split()
+    student = scores + np.random.default_rng(1).normal(0.0, 0.3, scores.shape)
+    runs = {("teacher", 56): _scored_run(scores, targets, patients),
+            ("alone", 28): _scored_run(student, targets, patients)}
+    per_class, groups = study.paired_deltas(runs, study.contrast_pairs(runs, 56),
+                                            min_test_positives=5, n_boot=200, seed=3)
+    rows = per_class.set_index("class")
+    assert rows["test positives"].to_dict() == {"Nodule": 10, "Mass": 2, "Cardiomegaly": 8,
+                                                "Hernia": 0}
+    np.testing.assert_allclose(rows["Δ AUC"][:3], (rows["AUC"] - rows["reference AUC"])[:3])
+    assert rows["in group mean"].to_dict() == {"Nodule": True, "Mass": False,
+                                               "Cardiomegaly": True, "Hernia": False}
+    assert study.left_out_classes(per_class) == "Mass (2), Hernia (0)"
+    by_group = groups.set_index("group")
+    small = by_group.loc["small lesion"]
+    # Mass (2 positives) is left out: the small-lesion mean is Nodule's Δ alone, and its
+    # interval comes from the same resamples as Nodule's own
+    assert small["classes (test positives)"] == "Nodule (10)"
+    assert small["left out (test positives)"] == "Mass (2)"
+    for column in ("Δ AUC", "Δ low", "Δ high"):
+        assert small[column] == pytest.approx(rows.loc["Nodule", column], abs=1e-12)
+    assert small["resamples kept"] == 200
+    assert by_group.loc["large finding", "Δ AUC"] == pytest.approx(rows.loc["Cardiomegaly",
+                                                                            "Δ AUC"])
+    other = by_group.loc["other"]
+    assert np.isnan(other["Δ AUC"]) and other["classes (test positives)"] == "—"
+    assert other["left out (test positives)"] == "Hernia (0)"
+    # with a threshold of 2, Mass joins the small-lesion mean
+    _, lower = study.paired_deltas(runs, study.contrast_pairs(runs, 56), min_test_positives=2,
+                                   n_boot=20)
+    small = lower.set_index("group").loc["small lesion"]
+    assert small["classes (test positives)"] == "Nodule (10), Mass (2)"
+    assert small["Δ AUC"] == pytest.approx(rows.loc[["Nodule", "Mass"], "Δ AUC"].mean())
+
+
+def test_paired_deltas_refuse_runs_scored_on_other_test_rows():
+    targets, scores, patients = _test_split()
+    runs = {("alone", 28): _scored_run(scores, targets, patients),
+            ("mlcak", 28): _scored_run(scores[::-1].copy(), targets[::-1].copy(),
+                                       patients[::-1].copy())}
+    with pytest.raises(ValueError, match="mlcak 28 px and alone 28 px were scored on different"):
+        study.paired_deltas(runs, study.contrast_pairs(runs, 56), n_boot=5)
+    with pytest.raises(ValueError, match="min_test_positives"):
+        study.paired_deltas(runs, [], min_test_positives=-1)
+
+
+def test_teacher_pretrained_reaches_create_model(monkeypatch):
+    import cxrstudy.models
+
+    data = study.prepare_resolutions("synthetic", None, [32], seed=0, max_images=40,
+                                     progress=False, n_images=40, n_patients=20)[32]
+    asked = []
+
+    class Built(Exception):
+        pass
+
+    def fake_create_model(name, num_classes, **kwargs):
+        asked.append((name, kwargs["pretrained"], kwargs["patch_size"]))
+        raise Built  # what was asked for is all this test needs: no training
+
+    monkeypatch.setattr(cxrstudy.models, "create_model", fake_create_model)
+    for pretrained in (True, False, "/weights/vit.pt"):
+        with pytest.raises(Built):
+            study.train_teacher(data, out=None, model="deit_tiny_mt", grid=4,
+                                pretrained=pretrained)
+    assert asked == [("deit_tiny_mt", True, 8), ("deit_tiny_mt", False, 8),
+                     ("deit_tiny_mt", "/weights/vit.pt", 8)]
 
 
 def test_student_arms_are_checked():
