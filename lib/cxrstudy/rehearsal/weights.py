@@ -1,8 +1,9 @@
 """Stand-ins for the pretrained weights the paper profile asks for: random tensors of the real
 shapes, written where and how the real loaders look, so the real loading code runs.
 
-- timm's ImageNet weights (05_glori's ``backbone_weights: pretrained``): a ``model.safetensors``
-  in the Hugging Face hub cache layout (``models--timm--<name>/blobs/<sha256>``, a
+- timm's ImageNet weights (05_glori's ``backbone_weights: pretrained``; 06's two CAN networks,
+  ``pretrained: true``): a ``model.safetensors`` in the Hugging Face hub cache layout
+  (``models--timm--<name>/blobs/<sha256>``, a
   ``snapshots/<revision>/model.safetensors`` link to it and ``refs/main``), which
   :func:`cxrstudy.models.pretrained.find_cached_weights` finds through ``huggingface_hub``.
 - torchxrayvision's ``densenet121-res224-chex`` (03's teacher): the pickled whole model xrv's
@@ -21,6 +22,7 @@ import torch
 
 STAND_IN_REVISION = hashlib.sha1(b"cxrstudy rehearsal weight stand-in").hexdigest()
 TIMM_WEIGHTS = ("vit_small_patch16_224",)  # what params/paper.yaml loads from timm's cache
+CAN_TIMM_WEIGHTS = ("resnet18", "densenet121")  # 06_cross_attention's backbones, pretrained
 TXV_WEIGHTS = ("densenet121-res224-chex",)  # what params/paper.yaml loads from xrv's cache
 
 
@@ -87,11 +89,12 @@ def write_txv_standin(weights: str, cache_dir, seed: int = 0) -> Path:
 def write_weight_standins(home, hf_cache) -> list[Path]:
     """Every stand-in the paper profile needs: timm's under ``hf_cache``, xrv's under
     ``home``/.torchxrayvision/models_data."""
-    written = [write_timm_standin(name, hf_cache) for name in TIMM_WEIGHTS]
+    timm_names = dict.fromkeys(TIMM_WEIGHTS + CAN_TIMM_WEIGHTS)  # each once, in order
+    written = [write_timm_standin(name, hf_cache) for name in timm_names]
     txv_cache = Path(home) / ".torchxrayvision" / "models_data"
     written += [write_txv_standin(name, txv_cache) for name in TXV_WEIGHTS]
     return written
 
 
 __all__ = ["write_timm_standin", "write_txv_standin", "write_weight_standins",
-           "STAND_IN_REVISION", "TIMM_WEIGHTS", "TXV_WEIGHTS"]
+           "STAND_IN_REVISION", "TIMM_WEIGHTS", "CAN_TIMM_WEIGHTS", "TXV_WEIGHTS"]
