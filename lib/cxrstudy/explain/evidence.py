@@ -55,8 +55,8 @@ def evidence_kind(model: nn.Module) -> str | None:
     inner = getattr(model, "backbone", model)
     if isinstance(model, GLoRI):
         return "glori"
-    if isinstance(model, CrossAttentionNetwork):
-        return "can"
+    if isinstance(model, CrossAttentionNetwork):  # with its attention off it has no map to show
+        return "can" if model.cross_attention else None
     if mxa_blocks(inner):
         return "mxa"
     try:

@@ -18,7 +18,7 @@ from .scale import (PROFILE, RELEASE_SIZES, hf_hub_cache, override_arguments,
                     rehearsal_environment, scale_note)
 
 DONE = "rehearsal.json"  # written last: the data and weights are whole
-GENERATOR_VERSION = 3  # bump when the generators write other files: the next run rebuilds
+GENERATOR_VERSION = 4  # bump when the generators write other files: the next run rebuilds
 
 
 def prepare(folder: Path, log=print) -> Path:

@@ -240,3 +240,12 @@ def test_select_items_keeps_unseen_boxed_images(nih_sample_root, tmp_path):
     assert everything.loc[everything["image_id"] == boxed[0], "seen_by"].iloc[0] == "01_baseline"
     with pytest.raises(ValueError, match="splits"):
         select_items(data, tmp_path, ["01_baseline"], ["holdout"])
+
+
+def test_can_with_its_attention_off_has_no_map_of_its_own():
+    """07 draws CAN's cross-attention only where it acts: can_no_attention's maps are held flat."""
+    from cxrstudy.explain.evidence import evidence_kind
+
+    kwargs = dict(image_size=32, backbones=["resnet18", "resnet18"])
+    assert evidence_kind(create_model("can", 3, **kwargs)) == "can"
+    assert evidence_kind(create_model("can", 3, cross_attention=False, **kwargs)) is None
