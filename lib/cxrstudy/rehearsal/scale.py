@@ -3,7 +3,7 @@
 Every notebook runs with the paper profile's datasets, resolutions, models, arms, teacher and
 pretrained settings; these overrides (``-p key=value`` on top of the profile) change only how
 much is computed: images, epochs, batch size, bootstrap draws, the learning rates 05 searches
-and the number of images the explanation notebook draws maps for. The report names them
+(and on which arm) and the number of images the explanation notebook draws maps for. The report names them
 (:func:`scale_note`).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ SCALE_OVERRIDES: dict[str, object] = {
     "n_figure_images": 2,
     "score_cam_batch_size": 64,
     "lr_grid": [0.0005, 0.001],  # 05: two of the paper grid's six rates (its lr and one more)
+    "lr_sweep_arms": ["linear_probe"],  # 05: the search on one arm (its machinery, CI's minutes)
 }
 
 #: Images written per release (about; whole patients, every class covered first).
