@@ -47,8 +47,10 @@ class _Handler(BaseHTTPRequestHandler):
         chunk = body[start:]
         self.send_header("Content-Length", str(len(chunk)))
         self.end_headers()
-        self.wfile.write(chunk)
+        # counted before the write: the client may finish reading (and the test assert) before
+        # this handler thread runs its next line
         server.sent[self.path] = server.sent.get(self.path, 0) + len(chunk)
+        self.wfile.write(chunk)
 
     def log_message(self, *args):
         pass
