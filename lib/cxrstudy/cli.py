@@ -110,7 +110,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_download(args: argparse.Namespace) -> int:
-    from .data.download import main_download
+    from .data.obtain import main_download
 
     if args.name == "chestmnist" and getattr(args, "profile", None) and not args.sizes:
         from .config import image_sizes, resolve_parameters

@@ -24,8 +24,8 @@ from .outputs import Outputs, dropped_summary, profile_dir, write_json_atomic
 from .paths import DATA_ROOT_ENV, repo_root
 from .provenance import fingerprint, provenance_record
 from .schedule import Schedule, dependency_order
-from .workers import (THREAD_VARIABLES, Worker, execute_in_process, make_workers,
-                      parse_devices)
+from .workers import (THREAD_VARIABLES, Worker, execute_in_process, execute_notebook,
+                      make_workers, parse_devices)
 
 #: A run that stopped before it finished (killed, Ctrl-C, a failure) with the same fingerprint
 #: continues in place: its ``last.pt`` checkpoints resume training instead of starting over.
@@ -210,18 +210,6 @@ def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> P
     target = move_aside(sorted(output_dir.iterdir()), outputs.archive_dir(stamp))
     log(f"    earlier outputs moved to {target}")
     return target
-
-
-def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
-                     kernel_name: str = "python3", progress: bool = True) -> None:
-    import papermill
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(
-        str(spec.path), str(Outputs(output_dir).executed_notebook), parameters=params,
-        kernel_name=kernel_name, cwd=str(spec.path.parent), progress_bar=progress,
-        request_save_on_cell_execute=True,
-    )
 
 
 @dataclass

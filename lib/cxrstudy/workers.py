@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .config import NotebookSpec
+from .outputs import Outputs
+
 CUDA_ENV = "CUDA_VISIBLE_DEVICES"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: Seconds a notebook's process gets, after Ctrl-C, to stop its kernel and save the notebook.
@@ -187,6 +190,20 @@ def execute_in_process(spec, params: dict, output_dir: Path, kernel_name: str = 
                                    f"{process.returncode} and no result")
 
 
+def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
+                     kernel_name: str = "python3", progress: bool = True) -> None:
+    """One notebook through papermill in this process: what a sequential run does for each
+    notebook and what a worker's child process does for its one."""
+    import papermill
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(spec.path), str(Outputs(output_dir).executed_notebook), parameters=params,
+        kernel_name=kernel_name, cwd=str(spec.path.parent), progress_bar=progress,
+        request_save_on_cell_execute=True,
+    )
+
+
 def _child_main() -> int:
     """The child side of :func:`execute_in_process`: one notebook, outcome to the result file."""
     # started in the background (nohup, &), we may inherit an ignored SIGINT: the runner's
@@ -195,9 +212,6 @@ def _child_main() -> int:
     job = json.loads(sys.stdin.read())
     result = Path(job["result"])
     try:
-        from .config import NotebookSpec
-        from .runner import execute_notebook
-
         progress = ({"desc": "cells", "ascii": True, "mininterval": 30.0}
                     if job["progress"] else False)
         execute_notebook(NotebookSpec(job["name"], Path(job["path"]), {}), job["params"],

@@ -10,6 +10,8 @@
   (:mod:`cxrstudy.data.nih_sample`; ~65 MB kept, each image checked against a manifest).
 - ``chexpert``, ``vindr``: need a registration/data use agreement; the steps are printed.
 
+:func:`cxrstudy.data.obtain.download` fetches a dataset by name (the command line's entry).
+
 Downloads are resumable (HTTP Range requests continue a ``.part`` file from the byte already on
 disk), verified (checksum where one is published, else by reading the whole tar) and renamed
 into place only when whole. Offline, the first connection error stops everything with a message
@@ -17,7 +19,6 @@ that names the dataset, the URL and what to do; there are no retry loops.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -35,7 +36,6 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..arguments import add_download_arguments
 from .. import paths
 
 USER_AGENT = "cxrstudy/0.1 (python-urllib)"
@@ -432,58 +432,7 @@ def registration_steps(name: str, root=None) -> str:
     raise ValueError(f"{name!r} needs no registration")
 
 
-def download(name: str, root=None, *, progress: bool = True, timeout: float = 30.0,
-             **options) -> bool:
-    """Download dataset ``name`` into the data root ``root``; True when the data is in place.
-
-    ``chexpert``/``vindr`` print the registration steps and return False. ``options`` go to
-    :func:`download_nih` (``archives``, ``keep_archives``) or :func:`download_chestmnist`
-    (``sizes``, ``via_medmnist``).
-    """
-    if name in MANUAL:
-        print(registration_steps(name, root))
-        return False
-    if name == "nih":
-        folder = download_nih(root, progress=progress, timeout=timeout, **options)
-    elif name == "nih-sample":
-        from .nih_sample import download_nih_sample
-
-        folder = download_nih_sample(root, progress=progress, timeout=timeout, **options)
-    elif name == "chestmnist":
-        folder = download_chestmnist(root, progress=progress, timeout=timeout, **options)
-    else:
-        raise ValueError(f"cannot download {name!r}; downloadable: chestmnist, nih, nih-sample "
-                         f"(chexpert and vindr print registration steps)")
-    print(f"{name}: data in place under {folder}")
-    if name == "nih" and not (folder / "train_val_list.txt").exists():
-        print(f"note: the official split lists (train_val_list.txt, test_list.txt) are only in the "
-              f"NIH folder {NIH_BOX_FOLDER}; put them in {folder} to use the official test split "
-              f"(without them cxrstudy makes a seeded patient-level split).")
-    return True
-
-
-def main_download(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Exit status 0 when the data is in place, 1 on a failure, 2 when manual steps are needed."""
-    if args is None or isinstance(args, (list, tuple)):
-        parser = add_download_arguments(argparse.ArgumentParser(prog="cxrstudy data download"))
-        args = parser.parse_args(args)
-    options = {}
-    if args.name == "nih":
-        if getattr(args, "archives", None):
-            options["archives"] = args.archives
-        options["keep_archives"] = getattr(args, "keep_archives", False)
-    if args.name == "chestmnist" and getattr(args, "sizes", None):
-        options["sizes"] = args.sizes
-    try:
-        done = download(args.name, getattr(args, "root", None),
-                        progress=getattr(args, "progress", True), **options)
-    except (DownloadError, paths.DataNotFoundError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 1
-    return 0 if done else 2
-
-
-__all__ = ["download", "download_nih", "download_chestmnist", "fetch", "extract_tar",
-           "list_tar", "registration_steps", "main_download", "add_download_arguments",
+__all__ = ["download_nih", "download_chestmnist", "fetch", "extract_tar",
+           "list_tar", "registration_steps", "MANUAL",
            "DownloadError", "OfflineError", "ChecksumError", "NIH_ARCHIVE_URLS",
            "KNOWN_CHECKSUMS", "target_dir", "file_digest", "install_nih_labels"]

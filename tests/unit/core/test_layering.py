@@ -79,3 +79,49 @@ def test_the_reader_sees_relative_and_lazy_imports():
     edges = {(unit, target) for _, unit, target in import_edges()}
     assert ("studies", "experiment") in edges  # lazy imports inside studies' functions
     assert ("train", "models") in edges
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Module → the cxrstudy modules it imports (``from . import x`` names count when ``x`` is
+    a module; imports inside functions count)."""
+    root = PACKAGE.parent
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = (package[:len(package) - node.level + 1] if node.level else [])
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {c for c in [target] + [f"{target}.{a.name}" for a in node.names]
+                          if c in modules}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in modules}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_two_modules_import_each_other_in_a_loop():
+    """A package's ``__init__`` re-exporting its modules is not a loop; any other cycle is."""
+    graph = {m: {t for t in targets if not m.startswith(t + ".")}
+             for m, targets in _module_imports().items()}
+    state, loops = {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                loops.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not loops, loops
+    assert "cxrstudy.data.download" in graph["cxrstudy.data.obtain"]  # the graph is read

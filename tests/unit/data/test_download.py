@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from cxrstudy.data import download as dl
+from cxrstudy.data import obtain
 from cxrstudy.data.base import read_image_file
 
 
@@ -235,7 +236,7 @@ def test_chestmnist_download_gives_a_file_medmnist_opens(server, tmp_path, monke
     monkeypatch.setitem(info, "url", f"{server.url}/chestmnist.npz")
     monkeypatch.setitem(info, "MD5", hashlib.md5(body).hexdigest())
     monkeypatch.setitem(info, "n_samples", counts)
-    assert dl.download("chestmnist", tmp_path, sizes=[28], progress=False) is True
+    assert obtain.download("chestmnist", tmp_path, sizes=[28], progress=False) is True
     path = tmp_path / "medmnist" / "chestmnist.npz"
     assert path.read_bytes() == body
     assert len(medmnist.ChestMNIST(split="val", root=str(path.parent))) == 2
@@ -264,19 +265,19 @@ def test_chestmnist_split_count_mismatch_is_an_error(server, tmp_path, monkeypat
     ("vindr", ["https://physionet.org/content/vindr-cxr/1.0.0/", "vindr-cxr", "credentialed"]),
 ])
 def test_gated_datasets_print_steps_and_do_not_pretend(name, must_mention, tmp_path, capsys):
-    assert dl.download(name, tmp_path) is False
+    assert obtain.download(name, tmp_path) is False
     out = capsys.readouterr().out
     for text in must_mention:
         assert text in out
     assert str(tmp_path / dl.paths.DATASET_DIRS[name]) in out
     assert not (tmp_path / dl.paths.DATASET_DIRS[name]).exists()
-    assert dl.main_download([name, "--root", str(tmp_path)]) == 2
+    assert obtain.main_download([name, "--root", str(tmp_path)]) == 2
 
 
 def test_main_download_reports_offline_as_failure(tmp_path, monkeypatch, capsys):
     url = f"http://127.0.0.1:{_unused_port()}/x.gz"
     monkeypatch.setitem(dl.NIH_ARCHIVE_URLS, "images_001.tar.gz", url)
-    status = dl.main_download(["nih", "--root", str(tmp_path), "--archive", "images_001.tar.gz",
+    status = obtain.main_download(["nih", "--root", str(tmp_path), "--archive", "images_001.tar.gz",
                                "--no-progress"])
     assert status == 1
     out = capsys.readouterr().out
@@ -295,10 +296,10 @@ def test_make_data_fetches_only_the_chestmnist_sizes_the_profile_reads(monkeypat
     import argparse
 
     from cxrstudy import cli
-    from cxrstudy.data import download as download_module
+    from cxrstudy.data import obtain
 
     seen = {}
-    monkeypatch.setattr(download_module, "main_download",
+    monkeypatch.setattr(obtain, "main_download",
                         lambda args: seen.setdefault("sizes", args.sizes) and 0)
     args = argparse.Namespace(name="chestmnist", root=None, sizes=None, profile="default",
                               progress=False)

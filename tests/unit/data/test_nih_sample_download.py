@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from cxrstudy.data import nih_sample
-from cxrstudy.data.download import DownloadError, OfflineError, main_download
+from cxrstudy.data.download import DownloadError, OfflineError
+from cxrstudy.data.obtain import main_download
 
 IDS = ["00000282_000.png", "00001437_012.png", "00030774_000.png"]  # ids of the real sample
 
