@@ -202,7 +202,7 @@ def paper_table(pid: str, paper: dict, results: dict[str, NotebookResults], note
         for row, (nb, arm) in enumerate(zip(frame["notebook"], frame["arm"])):
             if f"{nb}/{arm}" not in n.get("arms", []):
                 continue
-            ran = frame.loc[row, "macro AUC"] is not None and not pd.isna(frame.loc[row, "macro AUC"])
+            ran = not pd.isna(frame.loc[row, "macro AUC"])
             same_model, differs = meets_requirements(n, settings[nb].get(arm))
             if same_model or not ran:  # a missing run keeps the paper's number visible
                 frame.loc[row, column] = n["value"]

@@ -94,7 +94,7 @@ _ON_ACCESS = {
     "AUTHORS_PARAMETERS_M": authors_parameters_m,
     "PAPER_MICRO_AUC": paper_micro_auc,
     "PAPER_GAIN": paper_gain,
-    "PAPER_MICRO_AUC_BY_ARM": paper_micro_auc_by_arm,  # the paper column of 03's ablation table
+    "PAPER_MICRO_AUC_BY_ARM": paper_micro_auc_by_arm,  # every arm a number is listed for (03)
     "AUTHORS_N_PARAMETERS": authors_n_parameters,
 }
 
@@ -172,18 +172,18 @@ AUTHORS_MXA = {"placement": "block_input", "mxa_mode": "sum", "crop": "faithful"
                "roi_init": "default"}
 
 
-def arm_settings(arm: str, mxa_options: Mapping[str, Any] | None = None,
-                 placement: str = "mixer") -> dict[str, Any]:
+def arm_settings(arm: str, mxa_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What ``arm`` trains once the notebook's options are applied: the :class:`Arm` fields,
     ``mxa_options`` (``crop``, ``mxa_mode``, ``roi_init``, ``mxa_placement``) over the arm's own
-    MXA settings, ``placement`` for arms that do not pin theirs; and whether that is a model the
-    authors trained (``authors_model``: their double-sigmoid baseline, or MXA wired as
-    :data:`AUTHORS_MXA`), the only arms a number of theirs may stand beside."""
+    MXA settings, its ``mxa_placement`` (default ``"mixer"``) for arms that do not pin theirs;
+    and whether that is a model the authors trained (``authors_model``: their double-sigmoid
+    baseline, or MXA wired as :data:`AUTHORS_MXA`), the only arms a number of theirs may stand
+    beside."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     settings = asdict(ARMS[arm])
     options = dict(mxa_options or {})
-    placement = options.pop("mxa_placement", placement)
+    placement = options.pop("mxa_placement", "mixer")  # the models' own default
     if settings["placement"] is None:
         settings["placement"] = placement
     if settings["mxa"]:
@@ -212,11 +212,6 @@ def arms_table(arms: Iterable[str], mxa_options: Mapping[str, Any] | None = None
     """What each arm changes (:func:`arm_settings`), for the notebook's table of arms."""
     return pd.DataFrame([dict(arm=arm, **settings)
                          for arm, settings in settings_by_arm(arms, mxa_options).items()])
-
-
-def selection_note() -> str:
-    """How the paper's 0.85 was chosen, beside ours (params/paper_reference.yaml's note)."""
-    return reference.number("mxa", "micro_auc.mxa_kd").get("selection", "")
 
 
 def _meta_model(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
@@ -485,7 +480,7 @@ def roi_figure(model: torch.nn.Module, dataset, n_images: int):
 
 
 __all__ = ["ARMS", "AUTHORS_MXA", "Arm", "arm_model", "arm_settings", "settings_by_arm",
-           "selection_note", "teacher_sentence", "paper_entry", "authors_parameters_m", "paper_micro_auc",
+           "teacher_sentence", "paper_entry", "authors_parameters_m", "paper_micro_auc",
            "paper_gain", "authors_n_parameters",
            "arms_table", "parameter_counts", "authors_parameter_counts", "AUTHORS_RUNS",
            "train_arm", "prepare_teacher", "sibling_run",
