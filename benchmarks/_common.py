@@ -42,7 +42,7 @@ def machine_metadata(script: str, argv: list[str], seconds: float) -> dict[str, 
     """Date, CPU, torch/package versions, git state and the command line of a benchmark run."""
     import torch
 
-    from cxrstudy.provenance import git_state, package_versions
+    from cxrstudy.pipeline.provenance import git_state, package_versions
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -63,12 +63,13 @@ def machine_metadata(script: str, argv: list[str], seconds: float) -> dict[str, 
 def write_result_files(out: Path, data: dict[str, Any], text: dict[str, str]) -> Path | None:
     """Write ``{name: data}`` as JSON and ``{name: text}`` under ``out``, each atomically, after
     moving an earlier run's files aside; returns where they went (None: nothing was there)."""
-    from cxrstudy.outputs import write_json_atomic
+    from cxrstudy.files import write_json_atomic
+    from cxrstudy.outputs import plain_json
 
     out.mkdir(parents=True, exist_ok=True)
     moved = move_previous(out, [*data, *text])
     for name, value in data.items():
-        write_json_atomic(out / name, value)
+        write_json_atomic(out / name, plain_json(value), sort_keys=True)
     for name, value in text.items():
         tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(value)

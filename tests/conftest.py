@@ -57,7 +57,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def tiny_results(nih_sample_root, tmp_path_factory):
     """One tiny-profile run of every notebook (kernel start costs ~10 s each), shared by the
     notebook tests of every file: (``<results>/tiny``, the runner's log lines)."""
-    from cxrstudy.runner import run_notebooks
+    from cxrstudy.pipeline.runner import run_notebooks
 
     results_dir = tmp_path_factory.mktemp("results")
     logs = []

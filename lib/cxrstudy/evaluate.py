@@ -25,25 +25,19 @@ from .models import create_model
 from .models.pretrained import load_exact
 from .outputs import Outputs
 from .train.checkpoint import checkpoint_file, load_checkpoint, load_model_from_checkpoint
+from .train.predict import Predictions, predict_batches
 
 
-@torch.no_grad()
 def predict_probabilities(model: nn.Module, loader, device=None, progress: bool = True,
-                          desc: str = "evaluate") -> dict[str, np.ndarray]:
-    """Sigmoid outputs plus the batches' targets, masks and indices, concatenated in order."""
+                          desc: str = "evaluate") -> Predictions:
+    """A checkpoint's or a teacher's probabilities with targets, masks and indices, on one
+    device (the training loop's own :func:`~cxrstudy.train.predict.predict_batches`)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
-    parts: dict[str, list] = {"probs": [], "targets": [], "masks": [], "indices": []}
     total = len(loader) if hasattr(loader, "__len__") else None
-    for batch in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False):
-        logits = model(batch["image"].to(device, non_blocking=True)).float()
-        parts["probs"].append(torch.sigmoid(logits).cpu())
-        parts["targets"].append(batch["target"].float().cpu())
-        parts["masks"].append(batch["mask"].float().cpu())
-        parts["indices"].append(torch.as_tensor(batch["index"]).long().cpu())
-    if not parts["probs"]:
-        raise ValueError("the loader yielded no batches")
-    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+    bar = tqdm(loader, total=total, desc=desc, disable=not progress, leave=False)
+    return predict_batches(model.to(device), bar, to_device=lambda batch: {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()})
 
 
 def training_patients_in(dataset, checkpoint_path) -> int | None:
@@ -115,10 +109,10 @@ def evaluate_checkpoint(checkpoint, dataset_name: str, root=None, split: str = "
                                     desc=f"{dataset_name}/{split}")
     model_columns = [model_classes.index(m) for m, _ in pairs]
     dataset_columns = [list(dataset.classes).index(d) for _, d in pairs]
-    rows = outputs["indices"]
+    rows = outputs.indices
     per_class, overall = summarize(
-        outputs["targets"][:, dataset_columns], outputs["probs"][:, model_columns],
-        classes=[d for _, d in pairs], mask=outputs["masks"][:, dataset_columns],
+        outputs.targets[:, dataset_columns], outputs.probs[:, model_columns],
+        classes=[d for _, d in pairs], mask=outputs.masks[:, dataset_columns],
         patient_ids=dataset.patient_ids[rows], n_boot=n_boot, seed=split_seed, progress=progress)
     per_class.insert(1, "model_class", [m for m, _ in pairs])
 

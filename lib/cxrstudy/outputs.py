@@ -20,16 +20,17 @@ import pandas as pd
 from . import files
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: numpy scalars to Python, NaN/inf to None, DataFrames to records."""
+def plain_json(value: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN/inf to None, DataFrames to records (how
+    metrics.json and provenance.json are written, sorted, with :func:`files.write_json_atomic`)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [plain_json(v) for v in value]
     if isinstance(value, pd.DataFrame):
-        return _jsonable(value.to_dict(orient="records"))
+        return plain_json(value.to_dict(orient="records"))
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return plain_json(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -37,10 +38,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """``data`` (numpy values made plain, non-finite floats as null) as sorted JSON, written
-    atomically: a crash never leaves half a metrics or provenance file."""
-    files.write_json_atomic(path, _jsonable(data), sort_keys=True)
+#: A parameter value ``run:<notebook>/<tag>`` names what another notebook of the same profile
+#: wrote (03's ``teacher: run:01_baseline/densenet121``): the runner runs that notebook first, and
+#: the notebook reads the run from its folder.
+RUN_REFERENCE = "run:"
+
+
+def parse_run_reference(value: Any) -> tuple[str, str] | None:
+    """``"run:<notebook>/<tag>"`` → ``(notebook, tag)`` (tag ``""`` when absent); any other value
+    → None. The one reader of the syntax, for the runner's dependency order and the notebooks."""
+    if not (isinstance(value, str) and value.startswith(RUN_REFERENCE)):
+        return None
+    notebook, _, tag = value[len(RUN_REFERENCE):].partition("/")
+    return notebook, tag
 
 
 def dropped_summary(dropped: dict[str, str], shown: int = 3) -> str:
@@ -303,11 +313,12 @@ class Outputs:
         """Merge ``entries`` into ``metrics.json`` (keys already there are replaced, others kept)."""
         self._check_writable()
         current = self.load_metrics()
-        current.update(_jsonable(entries))
+        current.update(plain_json(entries))
         if self.synthetic:
             current["synthetic_data"] = True
-        write_json_atomic(self.metrics_file, current)
+        files.write_json_atomic(self.metrics_file, plain_json(current), sort_keys=True)
         return self.metrics_file
 
 
-__all__ = ["Outputs", "dropped_summary", "markdown_table", "profile_dir", "write_json_atomic"]
+__all__ = ["Outputs", "RUN_REFERENCE", "dropped_summary", "markdown_table", "parse_run_reference",
+           "plain_json", "profile_dir"]

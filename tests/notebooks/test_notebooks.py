@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy.runner import run_notebooks
+from cxrstudy.pipeline.runner import run_notebooks
 
 
 def test_exploration_counts_the_sample(tiny_results):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy.config import resolve_parameters
+from cxrstudy.pipeline.config import resolve_parameters
 from cxrstudy.data import SYNTHETIC_MARKER, load_dataset
 from cxrstudy.data.labels import VINDR_KAGGLE_CLASSES
 from cxrstudy.rehearsal import releases, scale, weights
@@ -197,7 +197,7 @@ def test_txv_standin_loads_through_xrv(tmp_path, monkeypatch):
     import torch
 
     from cxrstudy.data.labels import CHEXPERT_CLASSES
-    from cxrstudy.models.teachers import TXVTeacher
+    from cxrstudy.teachers import TXVTeacher
 
     monkeypatch.setenv("HOME", str(tmp_path))
     path = weights.write_txv_standin("densenet121-res224-chex",

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from cxrstudy import cli
-from cxrstudy.config import ConfigError, discover_notebooks, resolve_parameters
+from cxrstudy.pipeline import cli
+from cxrstudy.pipeline.config import ConfigError, discover_notebooks, resolve_parameters
 from cxrstudy.data.availability import DataUnavailableError
-from cxrstudy.runner import RunLock, RunLockedError, describe_failure, run_notebooks
+from cxrstudy.pipeline.runner import RunLock, RunLockedError, describe_failure, run_notebooks
 from _fakes import REPO
 
 
@@ -139,12 +139,12 @@ def test_an_unknown_dataset_lists_the_known_ones(study, tmp_path):
 
 
 def test_ctrl_c_on_the_command_line_is_one_line(monkeypatch, capsys):
-    import cxrstudy.runner
+    import cxrstudy.pipeline.runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cxrstudy.runner, "run_notebooks", interrupted)
+    monkeypatch.setattr(cxrstudy.pipeline.runner, "run_notebooks", interrupted)
     assert cli.main(["run", "00", "--profile", "tiny"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("cxrstudy run: interrupted") and "Traceback" not in err
@@ -152,7 +152,7 @@ def test_ctrl_c_on_the_command_line_is_one_line(monkeypatch, capsys):
 
 
 def test_threads_reach_the_kernels_environment(monkeypatch):
-    import cxrstudy.runner
+    import cxrstudy.pipeline.runner
 
     seen = {}
 
@@ -162,13 +162,13 @@ def test_threads_reach_the_kernels_environment(monkeypatch):
 
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(cxrstudy.runner, "run_notebooks", record)
+    monkeypatch.setattr(cxrstudy.pipeline.runner, "run_notebooks", record)
     assert cli.main(["run", "00", "--profile", "tiny", "--threads", "2"]) == 0
     assert seen["omp"] == "2" and os.environ["MKL_NUM_THREADS"] == "2"
 
 
 def test_help_answers_without_importing_torch():
-    code = ("import sys\nfrom cxrstudy import cli\ntry:\n    cli.main(['run', '--help'])\n"
+    code = ("import sys\nfrom cxrstudy.pipeline import cli\ntry:\n    cli.main(['run', '--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--threads N" in out.stdout and out.stdout.strip().endswith("False")

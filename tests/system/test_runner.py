@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from cxrstudy.config import ConfigError
-from cxrstudy.runner import run_notebooks
+from cxrstudy.pipeline.config import ConfigError
+from cxrstudy.pipeline.runner import run_notebooks
 
 
 class RecordingExecutor:

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from cxrstudy import cli
-from cxrstudy.config import ConfigError, discover_notebooks, notebook_dependencies, resolve_parameters
-from cxrstudy.runner import run_notebooks
-from cxrstudy.workers import Worker, make_workers, parse_devices
+from cxrstudy.pipeline import cli
+from cxrstudy.pipeline.config import ConfigError, discover_notebooks, notebook_dependencies, resolve_parameters
+from cxrstudy.pipeline.runner import run_notebooks
+from cxrstudy.pipeline.workers import Worker, make_workers, parse_devices
 
 
 def write_notebook(folder, name, parameters, code="x = 1", metadata=None):
@@ -299,7 +299,7 @@ def test_each_notebook_runs_in_its_own_process_with_its_workers_environment(tmp_
         os.environ.update({k: v for k, v in env.items() if v is not None})
     assert statuses(results) == {"00_a": "ok", "01_b": "ok", "02_c": "failed"}
     assert results[2].error == "ValueError: no such image (cell [3])"  # after papermill's injected parameters
-    from cxrstudy.workers import available_cores
+    from cxrstudy.pipeline.workers import available_cores
     threads = str(max(1, available_cores() // 2))
     for name in ("00_a", "01_b"):
         seen = json.loads((tmp_path / f"results/tiny/{name}/env.json").read_text())

@@ -361,3 +361,13 @@ def none(seed: int | None = 0) -> BatchAugment:
 
 
 __all__ = ["AugmentConfig", "BatchAugment", "IDENTITY", "from_config", "none"]
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, S, S] → [B, C, size, size], bilinear with antialiasing (as xrv resizes)."""
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected square images [B, C, S, S], got {tuple(images.shape)}")
+    if images.shape[-1] == int(size):
+        return images
+    return F.interpolate(images, size=(int(size), int(size)), mode="bilinear",
+                         align_corners=False, antialias=True)

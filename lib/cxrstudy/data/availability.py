@@ -98,6 +98,7 @@ def usable_dataset(name: str, root=None, image_size: int | Iterable[int] = 224,
     unchanged (its adapter says what is missing).
     """
     if name != "chestmnist":
+        log(f"Dataset: {name}.")
         return name
     from .chestmnist import default_size, npz_name
 
@@ -108,10 +109,12 @@ def usable_dataset(name: str, root=None, image_size: int | Iterable[int] = 224,
     except DataNotFoundError:
         missing = sizes  # no data root: ensure_available says where it looks and what to do
     if not missing:
+        log(f"Dataset: {name} ({folder}).")
         return name
     try:
         for size in missing:
             ensure_available(name, root, size, log=log)
+        log(f"Dataset: {name}, fetched now.")
         return name
     except DataUnavailableError as unavailable:
         sample = _sample_labels(root)
@@ -125,4 +128,6 @@ def usable_dataset(name: str, root=None, image_size: int | Iterable[int] = 224,
                    f"Online, `make data DATASET=chestmnist` fetches ChestMNIST; offline, "
                    f"`make reproduce PROFILE=sample` runs the whole study on the sample.")
         warnings.warn(message, stacklevel=2)
+        log(f"Dataset: nih-sample, INSTEAD OF chestmnist (not on this machine, and offline): "
+            f"every table and figure below is the NIH sample's.")
         return "nih-sample"

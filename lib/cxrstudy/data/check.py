@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .base import CorruptImageError
-from ..arguments import add_check_arguments
+from ..pipeline.arguments import add_check_arguments
 
 CHUNK = 256
 

@@ -10,7 +10,7 @@ import argparse
 from typing import Sequence
 
 from .. import paths
-from ..arguments import add_download_arguments
+from ..pipeline.arguments import add_download_arguments
 from .download import (MANUAL, NIH_BOX_FOLDER, DownloadError, download_chestmnist, download_nih,
                        registration_steps)
 from .nih_sample import download_nih_sample

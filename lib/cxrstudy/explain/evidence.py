@@ -1,6 +1,6 @@
 """Each method's own evidence of where it looks, beside the CAMs.
 
-* MXA — the ROI box the last MXA block predicts (:func:`cxrstudy.models.mxa.roi_boxes`);
+* MXA — the ROI box the last MXA block predicts (:func:`cxrstudy.methods.mxa.model.roi_boxes`);
   scored as the box's indicator map (IoU, coverage; a box has no peak, so no pointing game);
 * GLoRI — the attention of the explained class's query over the patches;
 * ViTs (MLCAK's students and teacher, the GLoRI backbones fine-tuned) — the head-averaged
@@ -48,9 +48,9 @@ def box_maps(boxes: np.ndarray, size: int) -> np.ndarray:
 
 def evidence_kind(model: nn.Module) -> str | None:
     """"mxa", "glori", "can", "cls" (a timm ViT inside) or None."""
-    from ..models.can import CrossAttentionNetwork
-    from ..models.glori import GLoRI
-    from ..models.mxa import mxa_blocks
+    from ..methods.can.model import CrossAttentionNetwork
+    from ..methods.glori.model import GLoRI
+    from ..methods.mxa.model import mxa_blocks
 
     inner = getattr(model, "backbone", model)
     if isinstance(model, GLoRI):
@@ -86,7 +86,7 @@ def own_evidence(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
     images = images.to(device)
     result = {"kind": kind, "label": LABELS[kind], "boxes": None}
     if kind == "mxa":
-        from ..models.mxa import roi_boxes
+        from ..methods.mxa.model import roi_boxes
 
         last = list(roi_boxes(model, images).values())[-1]
         result.update(maps=box_maps(last, size), boxes=last)

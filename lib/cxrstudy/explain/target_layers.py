@@ -145,11 +145,11 @@ def _timm_types():
 
 
 def _register_defaults() -> None:
-    from ..models.can import CrossAttentionNetwork, LogitEnsemble
+    from ..methods.can.model import CrossAttentionNetwork, LogitEnsemble
     from ..models.distill import DistilledClassifier
-    from ..models.glori import GLoRI, LinearProbe, is_token_vit
-    from ..models.multitask import MultiTaskClassifier
-    from ..models.sigmoid_output import SigmoidOutput
+    from ..methods.glori.model import GLoRI, LinearProbe, is_token_vit
+    from ..methods.mlcak.model import MultiTaskClassifier
+    from ..methods.mxa.sigmoid_output import SigmoidOutput
 
     ResNet, DenseNet, EfficientVitMsra, VisionTransformer = _timm_types()
 
@@ -245,9 +245,9 @@ def logits_of(output) -> torch.Tensor:
     (CAN), the class head averaged with the distillation head, the local task."""
     if isinstance(output, torch.Tensor):
         return output
-    from ..models.can import CANOutput
+    from ..methods.can.model import CANOutput
     from ..models.distill import DistilledOutput
-    from ..models.multitask import MultiTaskOutput
+    from ..methods.mlcak.model import MultiTaskOutput
 
     if isinstance(output, DistilledOutput):
         return (output.cls + output.dist) / 2

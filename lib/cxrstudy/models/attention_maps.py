@@ -74,7 +74,7 @@ class TokenLayout(NamedTuple):
 
 def token_layout(model: nn.Module) -> TokenLayout:
     """The layout of the first timm ViT inside ``model`` (wrappers such as DDP,
-    :class:`~cxrstudy.models.multitask.MultiTaskClassifier` are looked through)."""
+    :class:`~cxrstudy.methods.mlcak.model.MultiTaskClassifier` are looked through)."""
     for module in model.modules():
         grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
         if grid is not None:

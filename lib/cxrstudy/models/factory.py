@@ -130,8 +130,21 @@ def _own_weights_model(builder, shape: dict, kwargs: dict, state_dict: dict,
     return model
 
 
+def headless_backbone(name: str, num_classes: int, in_chans: int, image_size: int,
+                      pretrained=False, **kwargs) -> nn.Module:
+    """``create_model(name, ...)`` (aliases, local weights, weight files) without its classifier."""
+    model = create_model(name, num_classes, in_chans=in_chans, image_size=image_size,
+                         pretrained=pretrained, **kwargs)
+    if not (hasattr(model, "reset_classifier") and hasattr(model, "forward_features")):
+        raise TypeError(f"backbone {name!r} ({type(model).__name__}) is not a timm classifier "
+                        f"(reset_classifier, forward_features)")
+    model.reset_classifier(0)
+    model.__dict__.pop("cxr_config", None)  # the wrapper's own config is what rebuilds it
+    return model
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["create_model", "count_parameters"]
+__all__ = ["headless_backbone", "create_model", "count_parameters"]

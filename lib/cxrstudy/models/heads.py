@@ -2,7 +2,7 @@
 
 Two of the study's models put one more head on a backbone's pooled features: DeiT-style
 distillation (:mod:`cxrstudy.models.distill`) and MLCAK's global task
-(:mod:`cxrstudy.models.multitask`). Both need to find the class head (:func:`class_head_name`),
+(:mod:`cxrstudy.methods.mlcak.model`). Both need to find the class head (:func:`class_head_name`),
 copy its structure with fresh weights (:func:`fresh_copy`) and read the pooled features; that is
 written once here.
 """
@@ -74,7 +74,7 @@ def fresh_copy(head: nn.Module) -> nn.Module:
 class SecondHeadModel(nn.Module):
     """A timm classifier (``backbone``) and a second head on the same pooled features: what
     DeiT's distillation head (:mod:`cxrstudy.models.distill`) and MLCAK's global head
-    (:mod:`cxrstudy.models.multitask`) share. Subclasses register their head after
+    (:mod:`cxrstudy.methods.mlcak.model`) share. Subclasses register their head after
     ``super().__init__``, so ``backbone.*`` comes first in the parameters and state dict."""
 
     #: the attribute (and state-dict prefix) of the second head, and what it is (for the error

@@ -54,7 +54,7 @@ def run(folder: Path, notebooks: list[str], extra: list[str], force: bool = Fals
     """The paper profile on the rehearsal folder, through the ordinary runner (a subprocess, so
     the kernels inherit the rehearsal's environment and nothing else)."""
     folder = Path(folder).resolve()
-    command = [sys.executable, "-m", "cxrstudy.cli", "run", *notebooks, "--profile", PROFILE,
+    command = [sys.executable, "-m", "cxrstudy", "run", *notebooks, "--profile", PROFILE,
                "--results", str(folder / "results"), "--quiet"]
     for value in override_arguments() + [f"08_report.profile_note={json.dumps(scale_note(), ensure_ascii=False)}"]:
         command += ["-p", value]

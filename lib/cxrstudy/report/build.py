@@ -15,7 +15,7 @@ from pathlib import Path
 from ..outputs import Outputs
 from .collect import REPORT_NOTEBOOK, NotebookResults, collect, study_notebooks
 from .index import is_report_page, render_index
-from .reference import load_reference
+from ..reference import load_reference
 from .tables import ReportTable, status_table, study_tables
 from .writers import write_table
 

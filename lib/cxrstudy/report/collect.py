@@ -104,7 +104,7 @@ def collect(profile_dir: Path, expected: list[str] | None = None,
 
 def study_notebooks() -> list[str]:
     """The study notebooks in ``notebooks/`` (what a complete run would have produced)."""
-    from ..config import discover_notebooks
+    from ..pipeline.config import discover_notebooks
 
     return [n for n in discover_notebooks() if n != REPORT_NOTEBOOK]
 

@@ -18,7 +18,7 @@ from ..outputs import dropped_summary
 from ..display import ci_columns, format_ci, format_number
 from ..tables import AUC_COLUMNS, auc_columns
 from .collect import NotebookResults
-from .reference import meets_requirements, source_label
+from ..reference import meets_requirements, source_label
 
 OURS = AUC_COLUMNS
 #: The value columns of :data:`OURS` and their CI columns, joined for display.

@@ -69,13 +69,27 @@ class Schedule:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> Schedule:
-        """The schedule a notebook's parameters declare (``globals()`` in a notebook); every key
-        of :meth:`keys` must be there, so no notebook trains on a default it never showed."""
+        """The schedule a notebook's parameters declare: in a notebook, ``globals()`` is the
+        table of its variables, so this reads the fields of :meth:`keys` set by the parameters
+        cell (or by a profile or ``-p``, which papermill injects after it). Every field must be
+        there, so no notebook trains on a default it never showed."""
         missing = [key for key in cls.keys() if key not in parameters]
         if missing:
             raise KeyError(f"the parameters do not declare the schedule keys {missing}; "
                            f"a training notebook declares all of {list(cls.keys())}")
         return cls(**{key: parameters[key] for key in cls.keys()})
+
+    def describe(self) -> str:
+        """The schedule in one line, as a notebook prints it under the cell that builds it."""
+        def off(value, text):
+            return "off" if value is None else text
+
+        return (f"Schedule: {self.epochs} epochs of batch {self.batch_size}, AdamW lr {self.lr:g} "
+                f"(weight decay {self.weight_decay:g}), {self.warmup_epochs:g} warm-up epoch(s) then "
+                f"cosine to {self.min_lr:g}; EMA {off(self.ema_decay, f'{self.ema_decay}')}, early "
+                f"stopping {off(self.early_stopping_patience, f'after {self.early_stopping_patience} epochs')}, "
+                f"gradient clip {off(self.grad_clip, f'{self.grad_clip:g}')}, augmentation "
+                f"{'on' if self.augment else 'off'}{' ' + str(dict(self.augment_options)) if self.augment_options else ''}")
 
     def replace(self, **changes) -> Schedule:
         """This schedule with some fields changed (e.g. ``epochs=teacher_epochs``)."""

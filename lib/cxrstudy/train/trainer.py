@@ -41,6 +41,7 @@ from tqdm.std import tqdm as text_tqdm
 from . import checkpoint as ckpt
 from .config import _OPERATIONAL_FIELDS, TrainConfig
 from .losses import masked_bce, make_loss
+from .predict import Predictions, predict_batches
 from .seeding import capture_rng_state, restore_rng_state, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -51,19 +52,6 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_macro_auc", "lr", "se
 # weights). An AdamW state is twice the model's size, so best.pt is a third of last.pt.
 _RESUME_ONLY = ("optimizer", "scheduler", "rng", "loader_rng", "augment")
 
-
-@dataclass
-class Predictions:
-    """Model outputs on a loader, in the loader's order: arrays [N, C] and ``indices`` [N]."""
-
-    probs: np.ndarray
-    targets: np.ndarray
-    masks: np.ndarray
-    indices: np.ndarray
-    logits: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def resolve_mixed_precision(setting: str, cpu: bool = False) -> str:
@@ -97,6 +85,13 @@ def _loader_generators(loader) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Evaluation mode and no gradients, for good (the teacher is never updated)."""
+    module.requires_grad_(False)
+    return module.eval()
 
 
 class Trainer:
@@ -246,38 +241,19 @@ class Trainer:
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"the model returned {type(logits).__name__} in training mode, not a "
                             f"logits tensor: a model with extra heads (distilled=True) needs its "
-                            f"own trainer, e.g. cxrstudy.train.DistillationTrainer")
+                            f"own trainer, e.g. cxrstudy.methods.mxa.distillation.DistillationTrainer")
         return self.loss_fn(logits, batch["target"], batch["mask"])
 
     # ---- inference -----------------------------------------------------------------------------
-    @torch.no_grad()
     def predict(self, loader: Iterable[dict], desc: str = "predict") -> Predictions:
-        """Probabilities on every batch of ``loader`` (EMA weights when EMA is on)."""
+        """Probabilities on every batch of ``loader`` (EMA weights when EMA is on), gathered from
+        every process: :func:`.predict.predict_batches` under this trainer's device, precision
+        and processes."""
         loader = self._prepare_loader(loader)
-        model = self.eval_model
-        was_training = model.training
-        model.eval()
-        parts: dict[str, list] = {"logits": [], "target": [], "mask": [], "index": []}
         total = len(loader) if hasattr(loader, "__len__") else None
-        try:
-            for batch in self._bar(loader, total, desc):
-                batch = self._to_device(batch)
-                with self.accelerator.autocast():
-                    logits = model(batch["image"])
-                gathered = self.accelerator.gather_for_metrics(
-                    (logits.float(), batch["target"].float(), batch["mask"].float(),
-                     batch["index"].long()))
-                for key, value in zip(parts, gathered):
-                    parts[key].append(value.cpu())
-        finally:
-            model.train(was_training)
-        if not parts["logits"]:
-            raise ValueError("the loader yielded no batches")
-        logits = torch.cat(parts["logits"]).numpy()
-        return Predictions(probs=1.0 / (1.0 + np.exp(-logits)),
-                           targets=torch.cat(parts["target"]).numpy(),
-                           masks=torch.cat(parts["mask"]).numpy(),
-                           indices=torch.cat(parts["index"]).numpy(), logits=logits)
+        return predict_batches(self.eval_model, self._bar(loader, total, desc),
+                               to_device=self._to_device, autocast=self.accelerator.autocast,
+                               gather=self.accelerator.gather_for_metrics)
 
     def validate(self, loader) -> tuple[float, float]:
         """(masked BCE, macro AUC) on ``loader``: BCE is the task loss whatever we train with."""
@@ -590,4 +566,5 @@ class Trainer:
         return pd.DataFrame(self.history, columns=HISTORY_COLUMNS)
 
 
-__all__ = ["TrainConfig", "Trainer", "Predictions", "resolve_mixed_precision", "warmup_cosine_factor", "HISTORY_COLUMNS"]
+__all__ = ["freeze", "TrainConfig", "Trainer", "Predictions", "resolve_mixed_precision",
+           "warmup_cosine_factor", "HISTORY_COLUMNS"]

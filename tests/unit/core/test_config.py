@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cxrstudy.config import (ConfigError, discover_notebooks, parameters_cell, parse_override,
+from cxrstudy.pipeline.config import (ConfigError, discover_notebooks, parameters_cell, parse_override,
                              read_parameter_defaults, resolve_parameters)
 from _fakes import write_notebook
 

@@ -136,14 +136,14 @@ def test_open_study_loads_the_data_then_records_its_split(tmp_path):
     (["single", "ensemble"], None),
 ])
 def test_the_attention_maps_come_from_the_balance_arm_first(arms, shown):
-    from cxrstudy.studies import can as study
+    from cxrstudy.methods.can import study
 
     runs = dict.fromkeys(arms)
     assert study.arm_with_maps(runs) == shown
 
 
 def test_earlier_outputs_are_moved_aside_never_mixed_with_another_run(tmp_path, monkeypatch):
-    from cxrstudy import runner
+    from cxrstudy.pipeline import runner
 
     monkeypatch.setattr(runner.time, "strftime", lambda fmt: "20250101-120000")
     run = tmp_path / "tiny" / "01_baseline"

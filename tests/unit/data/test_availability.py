@@ -7,7 +7,7 @@ import pytest
 from cxrstudy.data import availability
 from cxrstudy.data.availability import DataUnavailableError, ensure_available
 from cxrstudy.data.download import OfflineError
-from cxrstudy.runner import run_notebooks
+from cxrstudy.pipeline.runner import run_notebooks
 from _fakes import write_notebook
 
 
@@ -87,9 +87,12 @@ def test_a_notebook_by_hand_offline_reads_the_nih_sample_and_says_so(tmp_path, m
                                                                      nih_sample_root):
     (tmp_path / "nih-sample").symlink_to(nih_sample_root)
     monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
+    lines = []
     with pytest.warns(UserWarning) as caught:
-        name = availability.usable_dataset("chestmnist", tmp_path, 64, log=lambda m: None)
+        name = availability.usable_dataset("chestmnist", tmp_path, 64, log=lines.append)
     assert name == "nih-sample"
+    # the choice is a line of the notebook's own output, not only a warning
+    assert lines[-1].startswith("Dataset: nih-sample, INSTEAD OF chestmnist")
     message = str(caught[0].message)
     assert "ChestMNIST (64 px)" in message and "unreachable" in message
     assert str(tmp_path / "nih-sample") in message and "PROFILE=sample" in message
@@ -119,4 +122,6 @@ def test_a_notebook_by_hand_fetches_only_the_missing_chestmnist_sizes(tmp_path, 
 
 def test_other_datasets_pass_through_without_a_check(tmp_path, monkeypatch):
     monkeypatch.setattr("cxrstudy.data.download.download_chestmnist", offline)
-    assert availability.usable_dataset("chexpert", tmp_path / "nothing", 224) == "chexpert"
+    lines = []
+    assert availability.usable_dataset("chexpert", tmp_path / "nothing", 224, log=lines.append) == "chexpert"
+    assert lines == ["Dataset: chexpert."]

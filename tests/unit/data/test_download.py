@@ -295,7 +295,7 @@ def test_make_data_fetches_only_the_chestmnist_sizes_the_profile_reads(monkeypat
     elsewhere), so `make data` (which passes --profile) never fetches the 224 px file."""
     import argparse
 
-    from cxrstudy import cli
+    from cxrstudy.pipeline import cli
     from cxrstudy.data import obtain
 
     seen = {}

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxrstudy import cli
-from cxrstudy.report import reference
+from cxrstudy.pipeline import cli
+from cxrstudy import reference
 from cxrstudy.report.build import ReportError, build_report
-from cxrstudy.runner import run_notebooks
+from cxrstudy.pipeline.runner import run_notebooks
 from _fakes import write_notebook
 from _fakes import REPO
 
@@ -77,7 +77,7 @@ def hand_made(tmp_path):
 
 def authors_wiring(arms, placement="block_input"):
     """What 03 records of its arms (metrics.json's arm_settings) with MXA placed as given."""
-    from cxrstudy.studies import mxa
+    from cxrstudy.methods.mxa import study as mxa
 
     return mxa.settings_by_arm(arms, {"mxa_placement": placement})
 
@@ -192,7 +192,7 @@ def test_a_paper_number_stands_only_beside_the_arm_that_rebuilds_the_papers_mode
 
 
 def test_the_mxa_study_reads_its_paper_numbers_from_the_reference():
-    from cxrstudy.studies import mxa
+    from cxrstudy.methods.mxa import study as mxa
 
     assert mxa.PAPER_MICRO_AUC == {"baseline": 0.66, "mxa_kd": 0.85}
     # the paper's text gives no parameter count we could cite: the authors' logs do

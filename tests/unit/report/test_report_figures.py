@@ -293,7 +293,7 @@ class _BoxedImages:
 
 def test_the_roi_figure_names_the_mxa_blocks_for_a_reader():
     from cxrstudy.models import create_model
-    from cxrstudy.studies.mxa import roi_figure
+    from cxrstudy.methods.mxa.study import roi_figure
 
     torch.manual_seed(0)
     model = create_model("efficientvit_m0_mxa", 3, image_size=64)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from cxrstudy.config import ConfigError, discover_notebooks, resolve_parameters
+from cxrstudy.pipeline.config import ConfigError, discover_notebooks, resolve_parameters
 from cxrstudy.data.augment import BatchAugment
 from cxrstudy.train import Schedule, TrainConfig
 
@@ -119,3 +119,14 @@ def test_off_spelled_zero_is_refused_before_any_notebook_starts(override, words)
     with pytest.raises(ConfigError, match=words):
         resolve_parameters("tiny", [override], discover_notebooks(REPO / "notebooks"),
                            REPO / "params")
+
+
+def test_the_schedule_describes_itself_in_one_line():
+    """What a training notebook prints under the cell that builds its schedule."""
+    line = Schedule(epochs=4, batch_size=128, lr=0.001, weight_decay=0.025, warmup_epochs=1,
+                    min_lr=1e-6, grad_clip=1.0).describe()
+    assert line == ("Schedule: 4 epochs of batch 128, AdamW lr 0.001 (weight decay 0.025), 1 warm-up "
+                    "epoch(s) then cosine to 1e-06; EMA off, early stopping off, gradient clip 1, "
+                    "augmentation on")
+    assert "EMA 0.999, early stopping after 2 epochs" in Schedule(ema_decay=0.999,
+                                                                  early_stopping_patience=2).describe()

@@ -10,11 +10,11 @@ from torch import nn
 
 from cxrstudy.data.labels import CHEXPERT_CLASSES, NIH_CLASSES
 from cxrstudy.models import PretrainedWeightsUnavailable, create_model
-from cxrstudy.models.teachers import (CheckpointTeacher, TXVTeacher, txv_chexpert_mapping,
+from cxrstudy.teachers import (CheckpointTeacher, TXVTeacher, txv_chexpert_mapping,
                                       txv_class_mapping, txv_pathologies, txv_preprocess,
                                       txv_weight_path)
 from cxrstudy.train import seed_everything
-from cxrstudy.train.teachers import load_teacher
+from cxrstudy.teachers import load_teacher
 from _fakes import save_best_checkpoint
 
 # xrv's output slots for densenet121-res224-chex ("" = output not trained for these weights)
