@@ -287,7 +287,7 @@ def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None
     ``train_and_evaluate`` as they are.
     """
     from ...experiment import train_and_evaluate
-    from ...train import DistillationTrainer
+    from .distillation import DistillationTrainer
 
     name, model_kwargs = arm_model(arm, backbone)
     if mxa_options and ARMS[arm].mxa:
