@@ -5,5 +5,6 @@ logits and head-averaged attention maps, with local and global heads (notebook 0
   ``deit_tiny_mt``, ``deit_small_mt``, ``vit_small_mt`` and ``multitask``.
 - ``training.py``: the loss, L = L_cls + α·MSE(z_s, z_t) + β·MSE(g_s, g_t)
   + γ·Σ MSE(A_s, A_t) with A = (1/N)·Σ_i H_i, and its trainer.
-- ``study.py``: the arms (alone, logit_kd, mlcak) at each resolution and their tables.
+- ``study.py``: the student arms at each resolution (their α, β, γ from notebook 04's
+  ``distillation`` table), the loss on one batch, and the tables.
 """

@@ -1,10 +1,18 @@
 """The low-resolution study (MLCAK, arXiv 2405.13370): one patient split at every resolution,
 the teacher, the three student arms, and the tables and maps notebook 04 shows.
 
-Arms per student resolution, differing only in distillation (:class:`cxrstudy.methods.mlcak.training.MLCAKTrainer`):
-``alone`` (no teacher), ``logit_kd`` (α, β; γ = 0) and ``mlcak`` (α, β, γ). Beside them, the
+Arms per student resolution differ only in distillation
+(:class:`cxrstudy.methods.mlcak.training.MLCAKTrainer`): their α, β, γ come from the notebook's
+``distillation`` table, ``{arm: {"alpha": α, "beta": β, "gamma": γ}}`` — in notebook 04
+``alone`` (all 0: no teacher), ``logit_kd`` (α, β; γ = 0) and ``mlcak`` (α, β, γ). The table
+lives in the notebook only; this module reads it (:func:`arm_weights`), so an arm is added by
+adding a line there. What every student shares is one :class:`StudentSetup`. Beside them, the
 EfficientViT-M hybrid trained plainly at each resolution. The paper's numbers are not public in
 our sources, so nothing here is compared with them.
+
+:func:`loss_on_one_batch` writes out L's terms on one real batch, each computed from its pieces
+beside :func:`~cxrstudy.methods.mlcak.training.mlcak_loss`'s own values, with the attention maps
+the loss compares.
 
 The distilled arms feed the teacher the same training rows at its own resolution
 (``teacher_input="high_res"``, from the teacher's :class:`~cxrstudy.experiment.StudyData`) or
@@ -18,22 +26,25 @@ positives beside each class, and leaves classes with few test positives out of t
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ...data.labels import canonical
 from ...models import patch_size_for
 from ...tables import AUC_COLUMNS, overall_row, run_metrics
-from .training import DEFAULT_GAMMA
+from .training import check_weights
 
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
     from ...experiment import StudyData
     from ...outputs import Outputs
     from ...train import Schedule
 
-ARMS = ("alone", "logit_kd", "mlcak")
+#: The keys of each arm's entry in the notebook's ``distillation`` table: L's weights.
+WEIGHTS = ("alpha", "beta", "gamma")
 #: Findings that occupy a few pixels at 28 px, by each release's name (matched by
 #: :func:`~cxrstudy.data.labels.canonical` name): NIH/ChestMNIST "Nodule" and "Mass", CheXpert
 #: "Lung Lesion" (its nodules and masses), VinDr-CXR "Nodule/Mass".
@@ -136,46 +147,240 @@ def train_teacher(data: StudyData, out: Outputs, schedule: Schedule | None = Non
     return run
 
 
-def train_student(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
-                  teacher, teacher_data=None,
-                  teacher_input: str = "high_res", global_label: str = "no_finding",
-                  model: str = "deit_small_mt", grid: int = 14, alpha: float = 1.0,
-                  beta: float = 1.0, gamma: float = DEFAULT_GAMMA, attention_levels: int = 3,
-                  align: str = "interpolate", model_kwargs: dict | None = None, **train_kwargs):
-    """One student arm at the data's resolution (see module docstring).
+def loss_weights(weights: Mapping[str, float], owner: str = "the loss") -> dict[str, float]:
+    """``{"alpha": α, "beta": β, "gamma": γ}`` as floats, refused unless exactly those three
+    non-negative weights are given (``owner`` names them in the error)."""
+    weights = dict(weights)
+    if set(weights) != set(WEIGHTS):
+        raise ValueError(f"{owner} must give exactly {', '.join(WEIGHTS)}, got "
+                         f"{', '.join(weights) or 'nothing'}")
+    check_weights(*(weights[name] for name in WEIGHTS))
+    return {name: float(weights[name]) for name in WEIGHTS}
 
+
+def arm_weights(distillation: Mapping[str, Mapping[str, float]], arm: str) -> dict[str, float]:
+    """The arm's weights (:func:`loss_weights`) from the notebook's ``distillation`` table."""
+    if arm not in distillation:
+        raise ValueError(f"unknown arm {arm!r}; the distillation table has "
+                         f"{', '.join(distillation)}")
+    return loss_weights(distillation[arm], f"arm {arm!r}")
+
+
+def distils(weights: Mapping[str, float]) -> bool:
+    """Whether an arm learns from the teacher at all (some weight above 0). One that does not is
+    the student alone: the teacher is never run for it, so it costs what a plain run costs."""
+    return any(float(weights[name]) > 0 for name in WEIGHTS)
+
+
+@dataclass(frozen=True)
+class StudentSetup:
+    """What every student run of notebook 04 shares, built once after the teacher, so that one
+    run reads ``train_student(arm, data[size], out, schedule, setup)``.
+
+    ``distillation``: the notebook's table ``{arm: {"alpha", "beta", "gamma"}}`` (module
+    docstring). ``teacher``: the trained teacher (None only if every arm is the student alone).
     ``teacher_data``: the :class:`~cxrstudy.experiment.StudyData` at the teacher's resolution
-    (same split as ``data``), whose training split the teacher reads with
-    ``teacher_input="high_res"``; ``"upsampled_lr"`` needs none.
+    (same split as the students'), whose training split the teacher reads with
+    ``teacher_input="high_res"``; ``"upsampled_lr"`` needs none. ``model``/``grid``/
+    ``model_kwargs``: the two-task ViT at every size (:func:`vit_kwargs`). ``global_label``,
+    ``attention_levels``, ``align``: :class:`~cxrstudy.methods.mlcak.training.MLCAKTrainer`'s.
+    ``seed``, ``n_boot``: every run's seed and bootstrap resamples.
     """
-    from ...experiment import train_and_evaluate
-    from .training import TEACHER_INPUTS, MLCAKTrainer, dataset_global_labels
 
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    if arm != "alone" and teacher is None:
-        raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
+    distillation: Mapping[str, Mapping[str, float]]
+    teacher: object = None
+    teacher_data: "StudyData | None" = None
+    teacher_input: str = "high_res"
+    global_label: str = "no_finding"
+    model: str = "deit_small_mt"
+    grid: int = 14
+    attention_levels: int = 3
+    align: str = "interpolate"
+    model_kwargs: Mapping | None = None
+    seed: int = 0
+    n_boot: int = 1000
+
+    def trainer_kwargs(self, arm: str) -> dict:
+        """The :class:`~cxrstudy.methods.mlcak.training.MLCAKTrainer` settings of ``arm``
+        (without the global label): no teacher for the student alone, else the teacher, its
+        input and the arm's weights."""
+        from .training import TEACHER_INPUTS
+
+        weights = arm_weights(self.distillation, arm)
+        if not distils(weights):
+            return {"teacher": None}
+        if self.teacher is None:
+            raise ValueError(f"arm {arm!r} distils from a teacher: set StudentSetup(teacher=)")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise ValueError(f"teacher_input must be one of {', '.join(TEACHER_INPUTS)}, "
+                             f"got {self.teacher_input!r}")
+        high_res = self.teacher_input == "high_res"
+        if high_res and self.teacher_data is None:
+            raise ValueError(f"arm {arm!r} with teacher_input='high_res' needs teacher_data (the "
+                             f"data at the teacher's resolution)")
+        return dict(weights, teacher=self.teacher, teacher_input=self.teacher_input,
+                    teacher_data=self.teacher_data.train if high_res else None,
+                    attention_levels=self.attention_levels, align=self.align)
+
+
+def train_student(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None,
+                  setup: StudentSetup, **train_kwargs):
+    """One student arm at the data's resolution: the two-task ViT trained with the arm's
+    weights from ``setup.distillation`` (module docstring). ``train_kwargs`` go to
+    :func:`~cxrstudy.experiment.train_and_evaluate` (e.g. ``progress=False``)."""
+    from ...experiment import train_and_evaluate
+    from .training import MLCAKTrainer, dataset_global_labels
+
+    settings = setup.trainer_kwargs(arm)
+    labels = dataset_global_labels(data.train, setup.global_label)
+    run = train_and_evaluate(setup.model, data, out, schedule, tag=f"{arm}_{data.image_size}",
+                             model_kwargs=dict(vit_kwargs(data.image_size, setup.grid),
+                                               **(setup.model_kwargs or {})),
+                             trainer_cls=MLCAKTrainer,
+                             trainer_kwargs=dict(settings, global_label=labels),
+                             **{"seed": setup.seed, "n_boot": setup.n_boot, **train_kwargs})
+    run.extra.update(teacher_input=None if settings["teacher"] is None else setup.teacher_input,
+                     global_label=labels.rule)
+    return run
+
+
+class OneBatchLoss(NamedTuple):
+    """:func:`loss_on_one_batch`'s answer: the terms table, the attention maps per block pair,
+    and the CLS attention of teacher and student on the batch's first images, for
+    :func:`cxrstudy.plots.map_overlays`."""
+
+    terms: pd.DataFrame          # term, in L, weight, by hand, mlcak_loss, weighted
+    levels: pd.DataFrame         # per block pair: the maps' shapes, grids and MSE
+    images: list[np.ndarray]     # the first images at the teacher's size, uint8
+    maps: dict[str, np.ndarray]  # "teacher …" / "student …" → CLS attention [N, h, w] in [0, 1]
+    image_ids: list[str]
+
+
+def _masked_bce_by_hand(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """Σ m·(log(1 + e^z) − y·z) / Σ m, in float64: binary cross-entropy over the known labels."""
+    z, y, m = logits.double(), target.double(), mask.double()
+    return float(((torch.nn.functional.softplus(z) - y * z) * m).sum() / m.sum().clamp_min(1.0))
+
+
+def _mse_by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
+    """(1/n) Σ (a − b)², in float64, over every entry."""
+    return float(((a.double() - b.double()) ** 2).mean())
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "×".join(str(n) for n in tensor.shape)
+
+
+def _cls_row(maps: torch.Tensor, layout) -> np.ndarray:
+    """The CLS token's attention over the patches, [B, h, w] scaled to [0, 1] per image."""
+    from ...models.attention_maps import minmax_per_image
+
+    return minmax_per_image(maps[:, 0, layout.prefix:].reshape(-1, *layout.grid)).numpy()
+
+
+def loss_on_one_batch(student_data: StudyData, teacher_data: StudyData, *, model: str,
+                      grid: int, weights: Mapping[str, float], attention_levels: int = 3,
+                      align: str = "interpolate", teacher_input: str = "high_res",
+                      global_label: str = "no_finding", batch_size: int = 32, seed: int = 0,
+                      n_images: int = 2, model_kwargs: Mapping | None = None) -> OneBatchLoss:
+    """L = L_cls + α·MSE(z_s, z_t) + β·MSE(g_s, g_t) + γ·Σ_k MSE(A_s^k, A_t^k) on one real batch:
+    the first ``batch_size`` training rows, at the student's size and (``teacher_input=
+    "high_res"``) the same rows at the teacher's, or the student's batch upsampled.
+
+    Each term is computed twice: by hand from its pieces (the logits, the labels and the maps,
+    in float64) and by :func:`~cxrstudy.methods.mlcak.training.mlcak_loss`, fed as
+    :class:`~cxrstudy.methods.mlcak.training.MLCAKTrainer` feeds it (maps recorded at
+    :func:`~cxrstudy.methods.mlcak.training.default_layer_pairs`, the teacher's aligned to the
+    student's grid). Both networks are built fresh (untrained, as ``train_and_evaluate`` builds
+    them) under a forked random state seeded with ``seed``, so the caller's state is untouched;
+    they run in eval mode without gradients. No augmentation: the batch as loaded.
+    ``model_kwargs``: more options of the ViT beside the patch size (as :class:`StudentSetup`).
+    """
+    from ...data.augment import resize_square
+    from ...explain.evidence import uint8_images
+    from ...models import create_model
+    from ...models.attention_maps import (AttentionRecorder, align_attention, attention_modules,
+                                          student_view, token_layout)
+    from .training import (TEACHER_INPUTS, dataset_global_labels, default_layer_pairs,
+                           finding_columns, mlcak_loss)
+
     if teacher_input not in TEACHER_INPUTS:
         raise ValueError(f"teacher_input must be one of {', '.join(TEACHER_INPUTS)}, "
                          f"got {teacher_input!r}")
-    if arm != "alone" and teacher_input == "high_res" and teacher_data is None:
-        raise ValueError(f"arm {arm!r} with teacher_input='high_res' needs teacher_data (the "
-                         f"data at the teacher's resolution)")
-    distil = dict(teacher=teacher, alpha=alpha, beta=beta, teacher_input=teacher_input,
-                  teacher_data=None if teacher_input != "high_res" else teacher_data.train)
-    settings = {"alone": dict(teacher=None),
-                "logit_kd": dict(distil, gamma=0.0),
-                "mlcak": dict(distil, gamma=gamma, attention_levels=attention_levels,
-                              align=align)}[arm]
-    labels = dataset_global_labels(data.train, global_label)
-    run = train_and_evaluate(model, data, out, schedule, tag=f"{arm}_{data.image_size}",
-                             model_kwargs=dict(vit_kwargs(data.image_size, grid),
-                                               **(model_kwargs or {})),
-                             trainer_cls=MLCAKTrainer,
-                             trainer_kwargs=dict(settings, global_label=labels), **train_kwargs)
-    run.extra.update(teacher_input=None if arm == "alone" else teacher_input,
-                     global_label=labels.rule)
-    return run
+    weights = loss_weights(weights)
+    train, teacher_train = student_data.train, teacher_data.train
+    rows = list(range(min(int(batch_size), len(train))))
+    if list(train.records["image_id"].iloc[rows]) != list(
+            teacher_train.records["image_id"].iloc[rows]):
+        raise ValueError("the student's and the teacher's training splits hold other rows")
+    items = [train[i] for i in rows]
+    images = torch.stack([item["image"] for item in items])
+    target = torch.stack([item["target"] for item in items]).float()
+    mask = torch.stack([item["mask"] for item in items]).float()
+    teacher_images = (torch.stack([teacher_train[i]["image"] for i in rows])
+                      if teacher_input == "high_res"
+                      else resize_square(images, size=teacher_data.image_size))
+    labels = dataset_global_labels(train, global_label)
+    g_target = torch.as_tensor(labels.target[rows])
+    g_mask = torch.as_tensor(labels.mask[rows])
+
+    def build(size: int):
+        return create_model(model, num_classes=len(train.classes), in_chans=1, image_size=size,
+                            **vit_kwargs(size, grid), **(model_kwargs or {})).eval()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        teacher, student = build(teacher_data.image_size), build(student_data.image_size)
+    pairs = default_layer_pairs(len(attention_modules(student)), len(attention_modules(teacher)),
+                                attention_levels)
+    s_layout, t_layout = token_layout(student), token_layout(teacher)
+    with torch.no_grad():
+        with AttentionRecorder(teacher, [t for _, t in pairs]) as recorded:
+            t_out = teacher.forward_tasks(teacher_images)
+        t_raw = recorded.ordered()
+        with AttentionRecorder(student, [s for s, _ in pairs]) as recorded:
+            s_out = student.forward_tasks(images)
+        s_maps = [student_view(a, s_layout) for a in recorded.ordered()]
+    t_maps = [align_attention(a, t_layout, s_layout, align) for a in t_raw]
+    terms = mlcak_loss(s_out, target, mask, t_out, s_maps, t_maps, **weights,
+                       findings=finding_columns(train.classes), global_target=g_target,
+                       global_mask=g_mask)
+
+    level_mse = [_mse_by_hand(a_s, a_t) for a_s, a_t in zip(s_maps, t_maps)]
+    alpha, beta, gamma = (weights[name] for name in WEIGHTS)
+    rows_out = [  # (term, in L, weight, by hand, mlcak_loss's)
+        ("local BCE", "L_cls: masked BCE(z_s, y)", 1.0,
+         _masked_bce_by_hand(s_out.local, target, mask), terms.local),
+        ("global BCE", "L_cls: masked BCE(g_s, y_global)", 1.0,
+         _masked_bce_by_hand(s_out.global_, g_target, g_mask), terms.global_),
+        ("local logit KD", "α·MSE(z_s, z_t)", alpha,
+         _mse_by_hand(s_out.local, t_out.local) if alpha > 0 else 0.0, terms.local_kd),
+        ("global logit KD", "β·MSE(g_s, g_t)", beta,
+         _mse_by_hand(s_out.global_, t_out.global_) if beta > 0 else 0.0, terms.global_kd),
+        ("attention", "γ·Σ_k MSE(A_s^k, A_t^k)", gamma,
+         sum(level_mse) if gamma > 0 else 0.0, terms.attention),
+    ]
+    table = pd.DataFrame([{"term": name, "in L": symbol, "weight": weight, "by hand": by_hand,
+                           "mlcak_loss": float(ours), "weighted": weight * float(ours)}
+                          for name, symbol, weight, by_hand, ours in rows_out])
+    by_hand_total = sum(weight * by_hand for _, _, weight, by_hand, _ in rows_out)
+    table.loc[len(table)] = {"term": "total", "in L": "L", "weight": np.nan,
+                             "by hand": by_hand_total, "mlcak_loss": float(terms.total),
+                             "weighted": float(terms.total)}
+    levels = pd.DataFrame([{"pair": k, "student block": s, "teacher block": t,
+                            "teacher map": _shape(raw),
+                            "teacher grid": "×".join(map(str, t_layout.grid)),
+                            "aligned teacher map": _shape(a_t), "student map": _shape(a_s),
+                            "student grid": "×".join(map(str, s_layout.grid)),
+                            "MSE(A_s, A_t)": mse}
+                           for k, ((s, t), raw, a_t, a_s, mse)
+                           in enumerate(zip(pairs, t_raw, t_maps, s_maps, level_mse), start=1)])
+    shown = slice(0, min(int(n_images), len(rows)))
+    t_grid, s_grid = ("×".join(map(str, layout.grid)) for layout in (t_layout, s_layout))
+    maps = {f"teacher {teacher_data.image_size} px ({t_grid})": _cls_row(t_raw[-1][shown], t_layout),
+            f"student {student_data.image_size} px ({s_grid})": _cls_row(s_maps[-1][shown], s_layout)}
+    ids = [str(train.records["image_id"].iloc[i]) for i in rows[shown]]
+    return OneBatchLoss(table, levels, uint8_images(teacher_images[shown]), maps, ids)
 
 
 def arm_metrics(runs: Mapping[tuple[str, int], object]) -> dict[str, dict]:
@@ -222,12 +427,14 @@ def class_groups(class_names: Sequence[str]) -> pd.DataFrame:
 
 
 def contrast_pairs(runs: Mapping[tuple[str, int], object], teacher_size: int,
-                   reference: str = "alone", distilled: Sequence[str] = ("logit_kd", "mlcak")
+                   distillation: Mapping[str, Mapping[str, float]]
                    ) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
-    """The comparisons of the small-vs-large table, ``(comparison, model, reference)`` run keys:
+    """The comparisons of the small-vs-large table, ``(comparison, model, reference)`` run keys.
+    The ViT students are the arms of the notebook's ``distillation`` table; the reference of the
+    distillation contrast is its one arm without a teacher (all weights 0, :func:`distils`).
 
-    - ``"distillation"``: each distilled arm minus ``reference`` (the student alone) at the
-      same size: what the teacher adds, everything else equal;
+    - ``"distillation"``: each distilling arm minus the student alone at the same size: what
+      the teacher adds, everything else equal;
     - ``"resolution"``: every run at a smaller size minus the same network at the teacher's
       size. For the ViT arms that network is the teacher — the same two-task ViT trained alone,
       on the same split, but for ``teacher_epochs``; for any other network (the hybrid) its own
@@ -235,14 +442,18 @@ def contrast_pairs(runs: Mapping[tuple[str, int], object], teacher_size: int,
 
     Pairs whose reference did not run are left out.
     """
+    alone = [arm for arm in distillation if not distils(arm_weights(distillation, arm))]
+    if len(alone) > 1:
+        raise ValueError(f"arms {', '.join(alone)} all train without the teacher: the "
+                         f"distillation contrast needs one reference")
     pairs = []
     for (arm, size) in runs:
-        if arm in distilled and (reference, size) in runs:
-            pairs.append(("distillation", (arm, size), (reference, size)))
+        if alone and arm in distillation and arm != alone[0] and (alone[0], size) in runs:
+            pairs.append(("distillation", (arm, size), (alone[0], size)))
     for (arm, size) in runs:
         if arm == "teacher" or size >= teacher_size:
             continue
-        large = ("teacher", teacher_size) if arm in ARMS else (arm, teacher_size)
+        large = ("teacher", teacher_size) if arm in distillation else (arm, teacher_size)
         if large in runs:
             pairs.append(("resolution", (arm, size), large))
     return pairs
@@ -378,10 +589,11 @@ def resolution_strip(data: Mapping[int, StudyData], sizes: Iterable[int], index:
     return images, boxes, data[sizes[0]].test.meta(index)["image_id"]
 
 
-__all__ = ["ARMS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "GROUPS",
+__all__ = ["WEIGHTS", "SMALL_LESIONS", "LARGE_FINDINGS", "NO_TEACHER", "GROUPS",
            "MIN_TEST_POSITIVES",
            "prepare_resolutions", "open_resolutions",
-           "vit_kwargs", "token_grids", "train_teacher", "train_student", "arm_metrics",
+           "vit_kwargs", "token_grids", "train_teacher", "loss_weights", "arm_weights", "distils", "StudentSetup",
+           "train_student", "OneBatchLoss", "loss_on_one_batch", "arm_metrics",
            "resolution_table", "class_group", "class_groups", "contrast_pairs", "paired_deltas",
            "left_out_classes",
            "attention_figure", "resolution_strip"]

@@ -17,8 +17,8 @@ The teacher's maps are aligned to the student's layout first (same grid: as they
 resized, rows kept summing to 1; ``prefix``: CLS kept or dropped).
 
 Coefficients. The paper's values are not public; each is a parameter. α = β = 1 and
-γ = 1000 (:data:`DEFAULT_GAMMA`: the default here, in
-:func:`cxrstudy.methods.mlcak.study.train_student` and in notebook 04). Why 1000: entries of
+γ = 1000 (:data:`DEFAULT_GAMMA`: the default here and in notebook 04, whose
+``distillation`` table gives each arm its α, β, γ). Why 1000: entries of
 A are about 1/T (T = 197 at 224 px), so the attention MSE is tiny — some 1e-5 between trained
 ViTs, 1e-6 measured on the tiny profile (7×7 grid, a one-epoch teacher, near-uniform maps) —
 while the logit MSEs are of order 0.1..1. With γ = 1 the attention term could not move the
