@@ -353,3 +353,44 @@ def test_checkpoint_rebuilds_through_load_model_from_checkpoint(tmp_path, name, 
     x = torch.rand(3, 1, size, size)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-6)
+
+
+# ---- the mechanism on one image (notebook 05's first cell) -------------------------------------
+def test_attention_by_hand_on_identity_projections():
+    from cxrstudy.methods.glori.study import attention_by_hand
+
+    attention = CrossAttention(2, num_heads=1, dropout=0.0)
+    with torch.no_grad():
+        for layer in (attention.q, attention.k):
+            layer.weight.copy_(torch.eye(2))
+            layer.bias.zero_()
+    queries = torch.tensor([[1.0, 0.0]])
+    tokens = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    # scores q·k/√2 = (1/√2, 0, 0): softmax e^{1/√2} / (e^{1/√2} + 2), then 1 / (e^{1/√2} + 2) twice
+    e = math.exp(1 / math.sqrt(2))
+    expected = torch.tensor([[e / (e + 2), 1 / (e + 2), 1 / (e + 2)]], dtype=torch.float64)
+    assert torch.allclose(attention_by_hand(attention, queries, tokens), expected, atol=1e-12)
+    _, probs = attention(queries[None], tokens[None])
+    assert torch.allclose(probs[0].double(), expected, atol=1e-6)
+
+
+def test_one_image_attention_reads_the_decoder_inputs_and_agrees_by_hand():
+    from cxrstudy.methods.glori.study import one_image_attention
+
+    seed_everything(0)
+    model = _glori()
+    found = one_image_attention(model, torch.rand(1, 32, 32), CLASSES)
+    # 32 px, patch 4: an 8×8 grid of N = 64 tokens; d = decoder_dim = 32; C = 3 classes
+    assert found["queries"].shape == (3, 32) and found["tokens"].shape == (64, 32)
+    assert found["attention"].shape == (3, 64) and found["grid"] == (8, 8)
+    assert found["maps"].shape == (3, 8, 8) and found["maps"].max() == pytest.approx(1.0)
+    table = found["table"]
+    assert list(table["class"]) == CLASSES and set(table["N"]) == {64} and set(table["d"]) == {32}
+    assert table["Σ_n A_cn"].to_numpy() == pytest.approx([1.0] * 3, abs=1e-6)
+    assert (table["max |hand − module|"] < 1e-6).all()
+    peak = int(found["attention"][0].argmax())
+    assert table.loc[0, "most attended patch"] == f"({peak // 8}, {peak % 8})"
+    assert not model.decoder.cross_attention._forward_hooks  # the hook is gone
+    # the queries read are X₀ = LN₁(2Q) (eval: Drop(Q) = Q), what enters the attention
+    expected = model.decoder.norm_query(2 * model.class_queries)
+    assert torch.allclose(found["queries"], expected.detach(), atol=1e-5)

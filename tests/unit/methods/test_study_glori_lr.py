@@ -18,6 +18,9 @@ from cxrstudy.methods.glori import study
 from cxrstudy.train import Schedule
 
 SCHEDULE = Schedule(epochs=1, lr=5e-4)
+#: 05's design as its notebook writes it: arm → the settings its model is built with.
+ARM_MODELS = {"fine_tune": {}, "linear_probe": {"n_blocks": 4}, "linear_probe_last": {"n_blocks": None},
+              "glori": {"use_cls": False}, "glori_cls": {"use_cls": True}}
 
 
 # ---- the pieces, by hand ----------------------------------------------------------------------
@@ -61,6 +64,11 @@ def test_arm_rates_search_only_the_named_arms():
             study.arm_rates(["glori"], 5e-4, bad)
     with pytest.raises(ValueError, match="unknown arms"):
         study.arm_rates(["glori"], 5e-4, [1e-3], ["gloria"])
+    # an arm of the design that does not run this time may be named: nothing of it trains
+    assert study.arm_rates(["glori"], 5e-4, [1e-3, 2e-3], ["linear_probe"],
+                           known=list(ARM_MODELS)) == {"glori": [5e-4]}
+    with pytest.raises(ValueError, match="unknown arms"):
+        study.arm_rates(["glori"], 5e-4, [1e-3], ["linear_probe"])  # known: the arms run
 
 
 def test_validation_auc_is_the_best_epochs():
@@ -104,7 +112,8 @@ def trainer(monkeypatch):
 def test_each_arm_keeps_its_best_validation_run_on_the_kept_backbone(trainer, tmp_path):
     out = Outputs(tmp_path / "05_glori")
     arms = ["fine_tune", "linear_probe", "glori", "glori_cls"]
-    runs = study.train_arms(None, out, arms, SCHEDULE, lr_grid=[5e-4, 2e-3], loss="bce")
+    runs = study.train_arms(None, out, arms, SCHEDULE, arm_models=ARM_MODELS, lr_grid=[5e-4, 2e-3],
+                            loss="bce")
     assert study.chosen_rates(runs) == {"fine_tune": 2e-3, "linear_probe": 5e-4, "glori": 5e-4,
                                         "glori_cls": 2e-3}
     assert {arm: run.tag for arm, run in runs.items()} == {
@@ -131,7 +140,8 @@ def test_without_a_grid_every_arm_trains_once_at_the_schedules_rate(trainer, tmp
     out = Outputs(tmp_path / "05_glori")
     for grid in (None, [5e-4]):
         trainer.calls.clear()
-        runs = study.train_arms(None, out, ["fine_tune", "glori"], SCHEDULE, lr_grid=grid)
+        runs = study.train_arms(None, out, ["fine_tune", "glori"], SCHEDULE, arm_models=ARM_MODELS,
+                                lr_grid=grid)
         assert [(c["tag"], c["lr"]) for c in trainer.calls] == [("fine_tune", 5e-4),
                                                                 ("glori", 5e-4)]
         assert trainer.calls[1]["pretrained"] == str(out.backbone_file("fine_tune"))
@@ -142,26 +152,28 @@ def test_without_a_grid_every_arm_trains_once_at_the_schedules_rate(trainer, tmp
 def test_a_diverging_rate_loses_and_all_diverging_fails(trainer, tmp_path):
     out = Outputs(tmp_path / "05_glori")
     trainer.diverges.add(("glori_cls", 2e-3))  # the rate that would have won
-    runs = study.train_arms(None, out, ["glori_cls"], SCHEDULE, lr_grid=[5e-4, 2e-3],
-                            backbone_weights="pretrained")
+    runs = study.train_arms(None, out, ["glori_cls"], SCHEDULE, arm_models=ARM_MODELS,
+                            lr_grid=[5e-4, 2e-3], backbone_weights="pretrained")
     assert study.chosen_rates(runs) == {"glori_cls": 5e-4}
     table = study.lr_sweep_table(runs).set_index("lr")
     assert table.loc[2e-3, "diverged"] and math.isnan(table.loc[2e-3, "val macro AUC"])
     trainer.diverges.add(("glori_cls", 5e-4))
     with pytest.raises(FloatingPointError, match="every learning rate"):
-        study.train_arms(None, out, ["glori_cls"], SCHEDULE, lr_grid=[5e-4, 2e-3],
-                         backbone_weights="pretrained")
+        study.train_arms(None, out, ["glori_cls"], SCHEDULE, arm_models=ARM_MODELS,
+                         lr_grid=[5e-4, 2e-3], backbone_weights="pretrained")
     with pytest.raises(FloatingPointError, match="non-finite"):  # no search: as before
-        study.train_arms(None, out, ["glori_cls"], SCHEDULE, backbone_weights="pretrained")
+        study.train_arms(None, out, ["glori_cls"], SCHEDULE, arm_models=ARM_MODELS,
+                         backbone_weights="pretrained")
 
 
 def test_label_efficiency_reuses_the_rates_chosen_at_full_data(trainer, tmp_path):
     data = prepare_data("synthetic", None, 16, seed=0, progress=False, n_images=120, n_patients=40)
     out = Outputs(tmp_path / "05_glori")
-    full = study.train_arms(data, out, ["fine_tune", "glori_cls"], SCHEDULE, lr_grid=[5e-4, 2e-3])
+    full = study.train_arms(data, out, ["fine_tune", "glori_cls"], SCHEDULE, arm_models=ARM_MODELS,
+                            lr_grid=[5e-4, 2e-3])
     trainer.calls.clear()
     table = study.label_efficiency(data, out, [0.5, 1.0], ["glori_cls"], SCHEDULE,
-                                   full_runs=full, seed=0)
+                                   full_runs=full, seed=0, arm_models=ARM_MODELS)
     # one run per arm at half the patients, each at its chosen rate: no search again
     assert [(c["tag"], c["lr"]) for c in trainer.calls] == [("fine_tune_0.5_lr_0.002", 2e-3),
                                                             ("glori_cls_0.5_lr_0.002", 2e-3)]

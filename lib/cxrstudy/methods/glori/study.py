@@ -1,7 +1,8 @@
 """The GLoRI study (CheXFound, arXiv 2502.05142) on our datasets: the four arms on one backbone,
 the long tail as prevalence buckets, label efficiency, and per-disease attention maps.
 
-Arms: ``fine_tune`` (the backbone and a linear head trained end to end), then on that backbone
+Arms (the notebook writes them out, arm → model settings, and passes them in as ``arm_models``):
+``fine_tune`` (the backbone and a linear head trained end to end), then on that backbone
 frozen: ``linear_probe`` (a linear head on the CLS tokens of the last 4 blocks: the global
 features ``glori_cls`` appends, as the official probe reads them), ``linear_probe_last`` (on the
 last block's CLS only), ``glori`` (class queries over patch tokens) and ``glori_cls`` (plus the
@@ -31,18 +32,17 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from ...tables import ablation_table, overall_row
 
 if TYPE_CHECKING:  # the types in signatures (experiment is imported lazily, when training)
+    from .model import GLoRI, CrossAttention
     from ...experiment import RunResult, StudyData
     from ...outputs import Outputs
     from ...train import Schedule
 
 N_BLOCKS = 4  # blocks whose tokens GLoRI reads, and whose CLS tokens the probe reads
-ARMS = {"fine_tune": {}, "linear_probe": {"n_blocks": N_BLOCKS},
-        "linear_probe_last": {"n_blocks": None}, "glori": {"use_cls": False},
-        "glori_cls": {"use_cls": True}}
 BUCKETS = ("head", "medium", "tail")
 GLORI_LOSSES = ("bce", "bce+asl", "asl")
 #: What a run at a rate other than the schedule's adds to its tag: ``glori_lr_0.002``. The rate
@@ -182,10 +182,12 @@ def select_rate(scores: Mapping[float, float], schedule_lr: float) -> float:
 
 def arm_rates(arms: Sequence[str], schedule_lr: float, lr_grid: Sequence[float] | None = None,
               lr_sweep_arms: Sequence[str] | None = None,
-              lrs: Mapping[str, float] | None = None) -> dict[str, list[float]]:
+              lrs: Mapping[str, float] | None = None,
+              known: Sequence[str] | None = None) -> dict[str, list[float]]:
     """The learning rates each of ``arms`` trains at: every rate of ``lr_grid`` for an arm of
     ``lr_sweep_arms`` (None: every arm), else ``lrs[arm]`` (e.g. a rate chosen earlier), else
-    the schedule's. An empty or absent grid searches nothing."""
+    the schedule's. An empty or absent grid searches nothing. ``lr_sweep_arms`` may name any
+    arm of ``known`` (the study's design; None: ``arms``), run or not."""
     grid = [] if lr_grid is None else lr_grid
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence):
         raise TypeError(f"lr_grid must be a list of learning rates or None, got {lr_grid!r}")
@@ -199,10 +201,11 @@ def arm_rates(arms: Sequence[str], schedule_lr: float, lr_grid: Sequence[float] 
     else:
         if isinstance(lr_sweep_arms, str) or not isinstance(lr_sweep_arms, Sequence):
             raise TypeError(f"lr_sweep_arms must be a list of arms or None, got {lr_sweep_arms!r}")
-        unknown = [a for a in lr_sweep_arms if a not in ARMS]
+        known = list(arms if known is None else known)
+        unknown = [a for a in lr_sweep_arms if a not in known]
         if unknown:
             raise ValueError(f"lr_sweep_arms names unknown arms {unknown}; "
-                             f"choose from {', '.join(ARMS)}")
+                             f"choose from {', '.join(known)}")
         swept = set(lr_sweep_arms)
     fixed = dict(lrs or {})
     return {arm: list(grid) if grid and arm in swept else [float(fixed.get(arm, schedule_lr))]
@@ -210,15 +213,19 @@ def arm_rates(arms: Sequence[str], schedule_lr: float, lr_grid: Sequence[float] 
 
 
 def train_arms(data: StudyData, out: Outputs, arms: Sequence[str],
-               schedule: Schedule | None = None, *, backbone: str = "deit_small",
+               schedule: Schedule | None = None, *, arm_models: Mapping[str, Mapping],
+               backbone: str = "deit_small",
                backbone_weights: str = "fine_tune", backbone_kwargs: dict | None = None,
                decoder_dim: int = 768, decoder_norm: str = "post", loss="bce",
                lr_grid: Sequence[float] | None = None, lr_sweep_arms: Sequence[str] | None = None,
                lrs: Mapping[str, float] | None = None, suffix: str = "",
                **train_kwargs) -> dict:
     """Train ``arms`` (see module docstring) on ``data``; ``fine_tune`` first when the frozen
-    arms read its backbone. ``decoder_norm`` ("post", the official layer, or "pre") goes to the
-    GLoRI arms, ``loss`` (:func:`glori_loss`) and ``schedule`` to every arm. Returns arm →
+    arms read its backbone. ``arm_models`` (the notebook's design: arm → the settings its model
+    is built with, e.g. ``{"linear_probe": {"n_blocks": 4}}``) names the arms there are; an arm
+    is the backbone itself (``fine_tune``), a ``glori*`` head or a ``linear_probe*``.
+    ``decoder_norm`` ("post", the official layer, or "pre") goes to the GLoRI arms, ``loss``
+    (:func:`glori_loss`) and ``schedule`` to every arm. Returns arm →
     :class:`cxrstudy.experiment.RunResult`.
 
     Learning rates (:func:`arm_rates`): an arm of ``lr_sweep_arms`` (None: every arm) trains once
@@ -231,9 +238,9 @@ def train_arms(data: StudyData, out: Outputs, arms: Sequence[str],
     from .model import DECODER_NORMS
     from ...train import Schedule
 
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in arm_models]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+        raise ValueError(f"unknown arms {unknown}; choose from {', '.join(arm_models)}")
     if backbone_weights not in ("fine_tune", "pretrained"):
         raise ValueError(f"backbone_weights must be 'fine_tune' or 'pretrained', "
                          f"got {backbone_weights!r}")
@@ -244,7 +251,7 @@ def train_arms(data: StudyData, out: Outputs, arms: Sequence[str],
     frozen_arms = [a for a in arms if a != "fine_tune"]
     needs_fine_tune = "fine_tune" in arms or (frozen_arms and backbone_weights == "fine_tune")
     rates = arm_rates((["fine_tune"] if needs_fine_tune else []) + frozen_arms, schedule.lr,
-                      lr_grid, lr_sweep_arms, lrs)
+                      lr_grid, lr_sweep_arms, lrs, known=list(arm_models))
     extra = dict(backbone_kwargs or {})
     pretrained = backbone_weights == "pretrained"
 
@@ -284,7 +291,7 @@ def train_arms(data: StudyData, out: Outputs, arms: Sequence[str],
         weights = str(save_backbone(runs["fine_tune"], out, runs["fine_tune"].tag))
     for arm in frozen_arms:
         name = "glori" if arm.startswith("glori") else "linear_probe"
-        kwargs = dict(extra, backbone=backbone, **ARMS[arm])
+        kwargs = dict(extra, backbone=backbone, **arm_models[arm])
         if name == "glori":
             kwargs.update(decoder_dim=decoder_dim, decoder_norm=decoder_norm, n_blocks=N_BLOCKS)
         runs[arm] = train_at_rates(arm, name, weights, kwargs)
@@ -306,6 +313,13 @@ def lr_sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
     rows = [{"arm": arm, **row} for arm, run in runs.items()
             for row in run.extra.get("lr_sweep", [])]
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+
+
+def reference_arm(runs: Mapping[str, object], preferred: str) -> str:
+    """The arm the arms table tests every other against: ``preferred`` (05: ``linear_probe``,
+    since the paper's question is what class queries add to the probe's global features) when
+    it ran; else the first arm that ran, so a profile that leaves it out still gets a table."""
+    return preferred if preferred in runs else next(iter(runs))
 
 
 def arms_table(runs: Mapping[str, RunResult], reference: str,
@@ -349,7 +363,65 @@ def label_efficiency(data: StudyData, out: Outputs, fractions: Sequence[float], 
     return pd.DataFrame(rows)
 
 
-__all__ = ["ARMS", "BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "RATE_TAG", "SWEEP_COLUMNS", "glori_loss",
+# ---- the mechanism on one image ---------------------------------------------------------------
+def attention_by_hand(attention: CrossAttention, queries: torch.Tensor, tokens: torch.Tensor
+                      ) -> torch.Tensor:
+    """A_c = (1/h) Σ_heads softmax(q_{h,c} K_hᵀ / √d_h) written out in float64 from the queries
+    [C, d] and tokens [N, d] that enter ``attention`` (its q and k projections applied, the
+    softmax as exp over its sum): [C, N], to hold beside what the module returns."""
+    def project(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        return x.double() @ layer.weight.detach().double().T + layer.bias.detach().double()
+
+    q, k = project(queries, attention.q), project(tokens, attention.k)
+    heads = []
+    for head in range(attention.num_heads):
+        cols = slice(head * attention.head_dim, (head + 1) * attention.head_dim)
+        scores = q[:, cols] @ k[:, cols].T / math.sqrt(attention.head_dim)
+        weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
+        heads.append(weights / weights.sum(dim=1, keepdim=True))
+    return torch.stack(heads).mean(dim=0)
+
+
+@torch.no_grad()
+def one_image_attention(model: GLoRI, image: torch.Tensor, classes: Sequence[str]) -> dict:
+    """GLoRI's class queries attending over the patch tokens of one image [1, H, W], in eval
+    mode: the queries X₀ [C, d] and tokens M [N, d] that enter the decoder's cross-attention (a
+    forward hook reads them), the module's head-averaged attention A [C, N] and the same
+    recomputed by hand (:func:`attention_by_hand`).
+
+    Returns ``queries``, ``tokens``, ``attention`` (the module's), ``grid`` (h, w: N = h·w),
+    ``maps`` [C, h, w] (each class's attention scaled to [0, 1], for drawing) and ``table``,
+    one row per class: d, N, Σ_n A_cn (1: a distribution over the patches), the largest
+    weight and its patch, and max_n |hand − module|."""
+    from ...models.attention_maps import minmax_per_image
+
+    model.eval()
+    entering = {}
+    hook = model.decoder.cross_attention.register_forward_hook(
+        lambda module, inputs, output: entering.update(queries=inputs[0][0], tokens=inputs[1][0]))
+    try:
+        model(image[None].to(next(model.parameters()).device))
+    finally:
+        hook.remove()
+    by_hand = attention_by_hand(model.decoder.cross_attention, entering["queries"],
+                                entering["tokens"]).cpu()
+    attention = model.last_attention[0].cpu()  # [C, N]
+    queries, tokens = entering["queries"].cpu(), entering["tokens"].cpu()
+    height, width = model.last_grid
+    peak = attention.argmax(dim=1)
+    table = pd.DataFrame({
+        "class": list(classes), "d": queries.shape[1], "N": tokens.shape[0],
+        "grid": f"{height}×{width}", "Σ_n A_cn": attention.double().sum(dim=1).numpy(),
+        "max A_cn": attention.max(dim=1).values.double().numpy(),
+        "most attended patch": [f"({int(n) // width}, {int(n) % width})" for n in peak],
+        "max |hand − module|": (by_hand - attention.double()).abs().max(dim=1).values.numpy()})
+    return {"queries": queries, "tokens": tokens, "attention": attention, "grid": (height, width),
+            "maps": minmax_per_image(attention.unflatten(-1, (height, width))).numpy(),
+            "table": table}
+
+
+__all__ = ["BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "RATE_TAG", "SWEEP_COLUMNS", "glori_loss",
            "arm_settings", "prevalence_buckets", "bucket_table", "with_training_fraction",
            "save_backbone", "rate_tag", "validation_auc", "select_rate", "arm_rates", "train_arms",
-           "chosen_rates", "lr_sweep_table", "arms_table", "label_efficiency"]
+           "chosen_rates", "lr_sweep_table", "reference_arm", "arms_table", "label_efficiency",
+           "attention_by_hand", "one_image_attention"]
