@@ -408,3 +408,61 @@ def test_weight_files_load_only_when_they_fit(tmp_path, name, misfit):
     with pytest.raises(ValueError, match="does not fit"):
         create_model(name, len(CLASSES), image_size=32, pretrained=str(path),
                      **{**TWO_RESNETS, **misfit})
+
+
+# ---- the mechanism on one batch (notebook 06's first cell) -------------------------------------
+def test_balance_loss_from_its_terms_equals_the_hand_sum_above():
+    from cxrstudy.methods.can.study import balance_loss_by_hand
+
+    # the same weights as the by-hand test above: class 0 w⁺ 3/4, w⁻ 3/2; class 1 unbalanced (1)
+    w_pos, w_neg = [3 / 4, 1.0, 3 / 4], [3 / 2, 1.0, 3 / 2]
+    for gamma in (2.0, 0.0):
+        expected = _mean(-(1 - (p if y == 1 else 1 - p)) ** gamma
+                         * (w_pos[c] if y == 1 else w_neg[c])
+                         * math.log(p if y == 1 else 1 - p) for c, y, p in _entries())
+        assert balance_loss_by_hand(Z, Y, M, gamma) == pytest.approx(expected, rel=1e-12)
+
+
+def test_attention_at_one_position_by_hand_from_set_weights():
+    from cxrstudy.methods.can.study import attention_by_hand
+
+    seed_everything(0)
+    model = _can().eval()
+    with torch.no_grad():
+        model.attention_convs[1].weight.fill_(0.5)
+        model.attention_convs[1].bias.fill_(-0.1)
+        p1, p2 = model.feature_maps(torch.rand(2, 1, 64, 64))
+    # a₂ at image 1, position (0, 1) = σ(0.5·Σ_k p₁p₂ − 0.1), summed here channel by channel
+    s = sum(float(p1[1, k, 0, 1]) * float(p2[1, k, 0, 1]) for k in range(p1.shape[1]))
+    expected = 1 / (1 + math.exp(-(0.5 * s - 0.1)))
+    assert attention_by_hand(model, p1, p2, 1, 1, 0, 1) == pytest.approx(expected, rel=1e-6)
+
+
+def test_one_batch_table_gives_shapes_ranges_and_the_checks_beside_the_library():
+    from cxrstudy.methods.can.study import one_batch_cross_attention
+
+    seed_everything(0)
+    model = _can()
+    batch = {"image": torch.rand(5, 1, 64, 64), "target": (torch.rand(5, 3) > 0.5).float(),
+             "mask": torch.ones(5, 3)}
+    found = one_batch_cross_attention(model, batch)
+    table = found["table"].set_index("quantity")
+    with torch.no_grad():
+        f1 = model.backbones[0].forward_features(batch["image"])
+        logits = model(batch["image"])
+    b, k, h, w = f1.shape
+    assert table.loc["f₁ (network 1's feature map)", "shape"] == f"{b}×{k}×{h}×{w}" and b == 5
+    assert table.loc["p₁ ⊙ p₂", "shape"] == f"5×{k}×{h}×{w}"  # test_resnet: nothing projected
+    for name in ("a₁ = σ(W₁ * (p₁ ⊙ p₂) + b₁)", "a₂ = σ(W₂ * (p₁ ⊙ p₂) + b₂)"):
+        assert table.loc[name, "shape"] == f"5×1×{h}×{w}"
+        assert 0 < table.loc[name, "min"] <= table.loc[name, "max"] < 1
+    checks = table.dropna(subset=["by hand"])
+    assert len(checks) == 3 and (checks["|hand − library|"] < 1e-6).all()
+    balance = checks.loc["balance loss ℓ_bal(z), γ = 2", "library"]
+    assert balance == pytest.approx(make_loss("can_balance")(logits, batch["target"],
+                                                             batch["mask"]).item(), rel=1e-6)
+    assert set(found["maps"]) == {"mean p₁", "mean p₂", "a₁", "a₂"}
+    for maps in found["maps"].values():
+        assert maps.shape == (5, h, w) and maps.min() >= 0 and maps.max() <= 1
+    with pytest.raises(ValueError, match="attention on"):
+        one_batch_cross_attention(_can(cross_attention=False, **TWO_RESNETS), batch)

@@ -13,6 +13,19 @@ from cxrstudy.methods.can import study as can_study
 from cxrstudy.methods.glori import study
 
 
+#: A design as the notebooks write theirs: 05's arm → model settings, 06's arm → class loss and
+#: the pairs it compares (arm, against, what differs).
+GLORI_ARMS = {"fine_tune": {}, "linear_probe": {"n_blocks": 4}, "linear_probe_last": {"n_blocks": None},
+              "glori": {"use_cls": False}, "glori_cls": {"use_cls": True}}
+CAN_ARMS = {"single": "bce", "single_second": "bce", "ensemble": "bce", "can_bce": "bce",
+            "can_weighted_bce": "weighted_bce", "can_balance": "can_balance"}
+CAN_PAIRS = [("single_second", "single", "the network"),
+             ("ensemble", "single", "a second network and the two-network loss"),
+             ("ensemble", "single_second", "a second network, the other way round"),
+             ("can_bce", "ensemble", "CAN's projections, heads and cross-attention"),
+             ("can_bce", "single", "everything at once")]
+
+
 def _data(labels, classes):
     train = SimpleNamespace(labels=np.asarray(labels, dtype=float))
     return SimpleNamespace(train=train, classes=classes)
@@ -53,18 +66,42 @@ def test_training_fraction_keeps_whole_patients_and_leaves_val_and_test():
 
 def test_arms_are_checked_before_any_training():
     with pytest.raises(ValueError, match="unknown arms"):
-        study.train_arms(None, None, ["probe"])
+        study.train_arms(None, None, ["probe"], arm_models=GLORI_ARMS)
     with pytest.raises(ValueError, match="backbone_weights"):
-        study.train_arms(None, None, ["glori"], backbone_weights="imagenet")
+        study.train_arms(None, None, ["glori"], arm_models=GLORI_ARMS, backbone_weights="imagenet")
     with pytest.raises(ValueError, match="decoder_norm"):
-        study.train_arms(None, None, ["glori"], decoder_norm="middle")
+        study.train_arms(None, None, ["glori"], arm_models=GLORI_ARMS, decoder_norm="middle")
     with pytest.raises(ValueError, match="loss"):
-        study.train_arms(None, None, ["glori"], loss="focal")
+        study.train_arms(None, None, ["glori"], arm_models=GLORI_ARMS, loss="focal")
 
 
-def test_probe_arms_read_four_blocks_or_the_last_cls():
-    assert study.ARMS["linear_probe"] == {"n_blocks": study.N_BLOCKS} and study.N_BLOCKS == 4
-    assert study.ARMS["linear_probe_last"] == {"n_blocks": None}
+def test_each_arm_builds_its_model_from_the_designs_settings(monkeypatch, tmp_path):
+    import cxrstudy.experiment
+    from cxrstudy.outputs import Outputs
+
+    calls = {}
+
+    def record(model, data, out, schedule, *, tag, model_kwargs, **kwargs):
+        calls[tag] = (model, model_kwargs)
+        return SimpleNamespace(tag=tag, model=torch.nn.Linear(2, 2), extra={},
+                               history=pd.DataFrame({"val_macro_auc": [0.6]}))
+
+    monkeypatch.setattr(cxrstudy.experiment, "train_and_evaluate", record)
+    design = dict(GLORI_ARMS, linear_probe={"n_blocks": 2})  # an edited design reaches the model
+    study.train_arms(None, Outputs(tmp_path / "05_glori"), list(design), arm_models=design,
+                     backbone="deit_tiny", decoder_dim=64)
+    assert calls["fine_tune"] == ("deit_tiny", {})
+    assert calls["linear_probe"] == ("linear_probe", {"backbone": "deit_tiny", "n_blocks": 2})
+    assert calls["linear_probe_last"] == ("linear_probe", {"backbone": "deit_tiny", "n_blocks": None})
+    for arm, use_cls in (("glori", False), ("glori_cls", True)):
+        assert calls[arm] == ("glori", {"backbone": "deit_tiny", "use_cls": use_cls, "decoder_dim": 64,
+                                        "decoder_norm": "post", "n_blocks": study.N_BLOCKS})
+
+
+def test_the_reference_arm_is_the_designs_when_it_ran_else_the_first():
+    for reference_arm in (study.reference_arm, can_study.reference_arm):
+        assert reference_arm(dict.fromkeys(["glori", "linear_probe"]), "linear_probe") == "linear_probe"
+        assert reference_arm(dict.fromkeys(["glori", "glori_cls"]), "linear_probe") == "glori"
 
 
 def test_glori_losses_bce_asl_and_their_sum_by_hand():
@@ -108,15 +145,15 @@ def test_disease_maps_pick_the_boxed_class():
 
 def test_can_arms_take_their_losses_and_weights_from_the_training_prevalence():
     data = _data([[1, 0], [0, 0], [0, 0], [0, 1]], ["A", "B"])
-    weighted = can_study.arm_loss("can_weighted_bce", data, max_weight=2.0)
+    weighted = can_study.arm_loss("weighted_bce", data, max_weight=2.0)
     logits = torch.zeros(1, 2)
     target = torch.tensor([[1.0, 0.0]])
     # prevalence 0.25 → pos weight (1 − 0.25)/0.25 = 3, capped at 2: loss = (2·log 2 + log 2)/2
     assert weighted(logits, target, torch.ones(1, 2)).item() == pytest.approx(1.5 * np.log(2))
-    assert can_study.arm_loss("can_bce", data)(logits, target, torch.ones(1, 2)).item() == \
+    assert can_study.arm_loss("bce", data)(logits, target, torch.ones(1, 2)).item() == \
         pytest.approx(np.log(2))
-    with pytest.raises(ValueError, match="can_balance"):
-        can_study.arm_loss("can_dice", data)
+    with pytest.raises(KeyError, match="can_balance"):  # the known losses are listed
+        can_study.arm_loss("dice", data)
 
 
 def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attending(monkeypatch):
@@ -133,7 +170,7 @@ def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attendin
     monkeypatch.setattr(cxrstudy.experiment, "train_and_evaluate", record)
     data = _data([[1, 0], [0, 1]], ["A", "B"])
     for arm in ("single", "single_second", "ensemble", "can_bce"):
-        can_study.train_arm(arm, data, None, Schedule(epochs=1),
+        can_study.train_arm(arm, data, None, Schedule(epochs=1), loss=CAN_ARMS[arm],
                             backbones=("resnet18", "efficientvit_m0"),
                             can_options={"attention": "channel"}, branch_weight=0.5)
     assert calls["single"][0] == "resnet18" and "trainer_cls" not in calls["single"][1]
@@ -151,10 +188,10 @@ def test_can_arms_train_each_network_alone_both_averaged_and_both_cross_attendin
 
 
 def test_can_arms_read_alone_together_cross_attending_and_comparisons_by_hand():
-    assert can_study.ordered_arms(["can_balance", "ensemble", "single", "single_second"]) == [
-        "single", "single_second", "ensemble", "can_balance"]
+    assert can_study.ordered_arms(["can_balance", "ensemble", "single", "single_second"],
+                                  CAN_ARMS) == ["single", "single_second", "ensemble", "can_balance"]
     with pytest.raises(ValueError, match="can_dice"):
-        can_study.ordered_arms(["single", "can_dice"])
+        can_study.ordered_arms(["single", "can_dice"], CAN_ARMS)
     targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=float)
     masks = np.ones_like(targets)
 
@@ -166,13 +203,13 @@ def test_can_arms_read_alone_together_cross_attending_and_comparisons_by_hand():
     bad = [[0.4, 0.6], [0.5, 0.2], [0.3, 0.5], [0.6, 0.4]]
     runs = {"single": run(0.70, 0.72, bad), "ensemble": run(0.80, 0.75, good),
             "can_bce": run(0.85, 0.70, good)}
-    table = can_study.comparisons(runs).set_index("comparison")
-    # single_second did not run: its rows are left out; the rest in the order of COMPARISONS
+    table = can_study.comparisons(runs, CAN_PAIRS).set_index("comparison")
+    # single_second did not run: its rows are left out; the rest in the order of the pairs
     assert list(table.index) == ["ensemble − single", "can_bce − ensemble", "can_bce − single"]
     assert table.loc["can_bce − ensemble", "Δ macro AUC"] == pytest.approx(0.05)
     assert table.loc["can_bce − ensemble", "Δ micro AUC"] == pytest.approx(-0.05)
-    assert "cross-attention" in table.loc["can_bce − ensemble", "isolates"]
-    assert "second network" in table.loc["ensemble − single", "isolates"]
+    assert table.loc["can_bce − ensemble", "isolates"] == "CAN's projections, heads and cross-attention"
+    assert table.loc["ensemble − single", "isolates"] == "a second network and the two-network loss"
     # identical scores: DeLong cannot tell them apart; otherwise the pooled test of the pair
     from cxrstudy.metrics import pooled_delong_p
 
