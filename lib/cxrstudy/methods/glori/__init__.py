@@ -3,5 +3,6 @@ fused with its global features, for long-tailed multi-label classification (note
 
 - ``model.py``: the decoder, a_c = softmax(q_c K^T / √d) V per class c, its group-linear
   classifier, and the linear probe; registered as ``glori`` and ``linear_probe``.
-- ``study.py``: the arms, the learning-rate search and the head/medium/tail tables.
+- ``study.py``: training the arms (their settings are written in 05 itself), the learning-rate
+  search, the head/medium/tail tables and the class queries on one image.
 """
