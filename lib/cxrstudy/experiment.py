@@ -148,6 +148,42 @@ def make_loaders(data: StudyData, batch_size: int, seed: int, num_workers: int =
     return train, val, test
 
 
+def first_batch(data: StudyData, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The first batch of the training loader :func:`train_and_evaluate` builds with this
+    ``batch_size`` and ``seed``, as it comes off the loader (before augmentation): ``image``
+    [B, 1, S, S], ``target`` and ``mask`` [B, C], ``index`` (rows of ``data.train``)."""
+    train, _, _ = make_loaders(data, batch_size, seed)
+    return next(iter(train))
+
+
+def initial_model(name: str, data: StudyData, *, seed: int = 0, pretrained: bool = False,
+                  **model_kwargs) -> torch.nn.Module:
+    """Registry model ``name`` for ``data`` as :func:`train_and_evaluate` builds it before
+    training (the same seed, so the same initial weights)."""
+    from .models import create_model
+    from .train import seed_everything
+
+    seed_everything(seed)
+    return create_model(name, num_classes=len(data.classes), in_chans=1,
+                        image_size=data.image_size, pretrained=pretrained, **model_kwargs)
+
+
+def shared_test_targets(runs: dict[str, RunResult]) -> tuple[np.ndarray, np.ndarray]:
+    """The test targets and label masks every run of ``runs`` was evaluated on, for a figure
+    or test that sets the runs side by side (ROC curves, DeLong); refused unless every run
+    holds the same test rows, in the same order."""
+    if not runs:
+        raise ValueError("no runs")
+    (first_tag, first), *others = runs.items()
+    for tag, run in others:
+        same = all(np.array_equal(getattr(run, part), getattr(first, part))
+                   for part in ("patient_ids", "targets", "masks"))
+        if not same:
+            raise ValueError(f"run {tag!r} was tested on other rows than {first_tag!r}: their "
+                             f"predictions cannot be compared image by image")
+    return first.targets, first.masks
+
+
 def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outputs,
                        schedule: Schedule | None = None, *, tag: str | None = None,
                        seed: int = 0, n_boot: int = 1000, pretrained: bool = False,
@@ -175,18 +211,17 @@ def train_and_evaluate(model: str | torch.nn.Module, data: StudyData, out: Outpu
     holds the trained weights on the CPU and writes the same files as a one-process run; it must
     not have used CUDA before (a forked process cannot inherit a CUDA context).
     """
-    from .models import create_model
     from .train import Schedule, seed_everything
     from .train.launch import plan_launch
 
     schedule = Schedule() if schedule is None else schedule
     plan = plan_launch(schedule.num_processes, schedule.accelerate_config)
-    seed_everything(seed)
     if isinstance(model, str):
         model_name = model
-        model = create_model(model_name, num_classes=len(data.classes), in_chans=1,
-                             image_size=data.image_size, pretrained=pretrained, **(model_kwargs or {}))
+        model = initial_model(model_name, data, seed=seed, pretrained=pretrained,
+                              **(model_kwargs or {}))
     else:
+        seed_everything(seed)
         model_name = getattr(model, "cxr_config", {}).get("name", type(model).__name__)
     tag = tag or model_name
     checkpoint_dir = out.checkpoint_dir(tag)

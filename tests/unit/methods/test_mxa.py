@@ -484,3 +484,82 @@ def test_block_labels_count_stages_and_blocks_from_one():
     model = create_model("efficientvit_m0_mxa", num_classes=3, in_chans=1, image_size=64)
     labels = [block_label(name) for name, _ in mxa_blocks(model)]
     assert labels and all(label.startswith("MXA, stage ") for label in labels)
+
+
+# ---- one batch through the block: the equations beside the modules (notebook 02) -------------
+def _trace_steps(trace):
+    return trace.set_index("step")
+
+
+@pytest.mark.parametrize("crop, region_mean", [
+    # box (0.25, 0.01, 0.75, 0.99) on a 6×6 map: whole pixels (1, 0, 4, 5) faithful, as is
+    # differentiable
+    ("faithful", (1 / 6 + 0 + 4 / 6 + 5 / 6) / 4),
+    ("differentiable", (0.25 + 0.01 + 0.75 + 0.99) / 4),
+])
+def test_trace_block_computes_each_step_by_hand_as_the_modules_do(crop, region_mean):
+    from cxrstudy.methods.mxa.model import TRACE_STEPS, trace_block
+
+    torch.manual_seed(0)
+    block = MXABlock(8, crop=crop)
+    _force_box(block, (0.25, 0.01, 0.75, 0.99))
+    trace = trace_block(block, torch.randn(3, 8, 6, 6))
+    assert list(trace["step"]) == [step for step, _ in TRACE_STEPS]
+    assert list(trace["shape"]) == ["3×8×6×6", "3×4", "3×4", "3×8×6×6", "3×8×1×1", "3×8×6×6",
+                                    "3×1×6×6", "3×8×6×6"]
+    assert trace["finite"].all()
+    assert (trace["max |by hand − library|"] < 1e-12).all()
+    steps = _trace_steps(trace)
+    assert steps.loc["ROI box", "by hand (mean)"] == pytest.approx(0.5, abs=1e-12)
+    assert steps.loc["region cropped", "library (mean)"] == pytest.approx(region_mean, abs=1e-12)
+    assert block.crop == crop and block.last_boxes is None  # a copy ran, the block is untouched
+
+
+def test_trace_block_attention_maps_are_one_half_with_zero_weights():
+    """σ(0) = ½: with the last conv of each CBAM module at zero, M_c and M_s are ½ everywhere,
+    so the output is a quarter of the crop; an empty box crops the whole map, unchanged."""
+    from cxrstudy.methods.mxa.model import trace_block
+
+    block = MXABlock(16)
+    _force_box(block, (0.5, 0.5, 0.5, 0.5))  # empty: the whole map
+    with torch.no_grad():
+        block.channel_attention.expand.weight.zero_()
+        block.spatial_attention.conv.weight.zero_()
+    x = torch.randn(2, 16, 5, 5)
+    steps = _trace_steps(trace_block(block, x))
+    assert steps.loc["region cropped", "by hand (mean)"] == pytest.approx(0.5)  # (0, 0, 1, 1)
+    assert steps.loc["crop", "library (mean)"] == pytest.approx(float(x.double().mean()), abs=1e-12)
+    assert steps.loc["channel attention", "by hand (mean)"] == 0.5
+    assert steps.loc["spatial attention", "library (mean)"] == 0.5
+    assert steps.loc["output", "library (mean)"] == pytest.approx(float(x.double().mean()) / 4,
+                                                                  abs=1e-12)
+
+
+def test_block_input_is_the_map_each_block_sees():
+    from cxrstudy.methods.mxa.model import block_input, block_shapes
+
+    model = create_model("efficientvit_m0_mxa", num_classes=3, in_chans=1, image_size=64).train()
+    shapes = block_shapes("efficientvit_m0", image_size=64, num_classes=3)
+    images = torch.rand(2, 1, 64, 64)
+    for k in (0, -1):
+        row = shapes.iloc[k]
+        assert tuple(block_input(model, images, k).shape) == (2, row["C"], row["H"], row["W"])
+    assert tuple(block_input(model, images).shape) == (2, 64, 4, 4)  # M0, first stage, 64 px / 16
+    assert model.training  # left as it came
+    with pytest.raises(ValueError, match="6 MXA blocks"):
+        block_input(model, images, 6)
+
+
+def test_placement_table_runs_both_wirings_on_the_same_batch_and_weights():
+    from cxrstudy.methods.mxa.model import placement_table
+
+    table = placement_table("efficientvit_m0", torch.rand(2, 1, 64, 64), 5,
+                            crop="differentiable").set_index("placement")
+    assert list(table.index) == ["mixer", "block_input"]
+    assert (table["shape MXA sees"] == "2×64×4×4").all()
+    assert list(table["LWA passes per block"]) == [1, 2]  # the authors' wiring runs LWA twice
+    assert (table["MXA blocks"] == 6).all() and (table["output"] == "2×5").all()
+    plain = create_model("efficientvit_m0_mxa", num_classes=5, image_size=64)
+    assert (table["parameters"] == count_parameters(plain)).all()
+    assert "x + LWA(x) + MXA(x)" in table.loc["mixer", "residual"]
+    assert table.loc["block_input", "where"].startswith("the authors' code")

@@ -292,3 +292,130 @@ def test_the_teacher_sentence_gives_the_macro_ci_and_the_micro_auc():
                                         "(95% CI 0.601–0.711), micro AUC 0.700")
     result["overall"]["macro_auc_low"] = None  # no CI (e.g. one class only): the value alone
     assert "macro AUC 0.654, micro" in teacher_sentence(result)
+
+
+# ---- the one-batch cells of 01-03 (the equation meets the code) -----------------------------
+def test_model_for_arm_applies_the_notebooks_options_except_a_pinned_placement():
+    options = {"crop": "differentiable", "mxa_placement": "block_input"}
+    assert study.model_for_arm("mxa", "efficientvit_m0", options) == (
+        "efficientvit_m0_mxa", {"mxa_mode": "sum", "crop": "differentiable", "roi_init": "default",
+                                "mxa_placement": "block_input"})
+    assert study.model_for_arm("mxa_kd_mixer", "efficientvit_m0", options)[1]["mxa_placement"] == "mixer"
+    assert study.model_for_arm("kd", "efficientvit_m0", options) == ("efficientvit_m0",
+                                                                     {"distilled": True})
+
+
+def test_initial_arm_model_is_seeded_as_training_starts():
+    data = SimpleNamespace(classes=list("ABC"), image_size=64)
+    first = study.initial_arm_model("mxa_kd", data, "efficientvit_m0", {"mxa_placement": "block_input"})
+    again = study.initial_arm_model("mxa_kd", data, "efficientvit_m0", {"mxa_placement": "block_input"})
+    other = study.initial_arm_model("mxa_kd", data, "efficientvit_m0", seed=1)
+    assert isinstance(first, DistilledClassifier) and first.head_dist.linear.out_features == 3
+    assert first.backbone.mxa_config["placement"] == "block_input"
+    weights = first.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in again.state_dict().items())
+    assert not all(torch.equal(weights[k], v) for k, v in other.state_dict().items())
+
+
+class _FixedHeads(torch.nn.Module):
+    """A 'student' whose two heads give fixed logits, whatever the images."""
+
+    def __init__(self, cls, dist):
+        super().__init__()
+        self.register_buffer("cls", torch.tensor(cls))
+        self.register_buffer("dist", torch.tensor(dist))
+
+    def forward_heads(self, images):
+        from cxrstudy.models.distill import DistilledOutput
+        return DistilledOutput(self.cls, self.dist)
+
+
+class _FixedTeacher(torch.nn.Module):
+    def __init__(self, logits, teacher_mask):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.register_buffer("logits", torch.tensor(logits))
+        self.register_buffer("teacher_mask", torch.tensor(teacher_mask))
+
+    def forward(self, images):
+        return self.logits * self.scale
+
+
+def _kd_batch():
+    batch = {"image": torch.zeros(2, 1, 4, 4), "target": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+             "mask": torch.tensor([[1.0, 1.0], [1.0, 0.0]]), "index": torch.tensor([3, 7])}
+    dataset = SimpleNamespace(classes=["A", "B"], meta=lambda i: {"image_id": f"img{i}"})
+    return batch, dataset
+
+
+def test_one_batch_kd_computes_each_term_by_hand_beside_the_library():
+    """Two images, two classes; the teacher covers class A only; τ = 2, α = 0.25."""
+    student = _FixedHeads([[2.0, -1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]).train()
+    teacher = _FixedTeacher([[0.0, 2.0], [-2.0, 0.0]], [1.0, 0.0]).train()
+    batch, dataset = _kd_batch()
+    terms, soft = study.one_batch_kd(student, teacher, batch, dataset, alpha=0.25, tau=2.0)
+
+    def softplus(v):  # BCE(z, 1) = softplus(−z), BCE(z, 0) = softplus(z)
+        return math.log1p(math.exp(v))
+    sigmoid = 1 / (1 + math.exp(-1))  # σ(2 / τ)
+    # the three known labels: (2, y=1), (−1, y=0), (0, y=0); image 2's class B is unknown
+    class_term = (softplus(-2) + softplus(-1) + math.log(2)) / 3
+    # class A only: z_dist 1 against q = σ(0) = ½, z_dist 0 against q = σ(−1): log 2
+    dist_term = (0.5 * softplus(-1) + 0.5 * softplus(1) + math.log(2)) / 2
+    terms = terms.set_index("term")
+    assert terms.loc["class term", "by hand"] == pytest.approx(class_term, abs=1e-6)
+    assert terms.loc["distillation term", "by hand"] == pytest.approx(dist_term, abs=1e-6)
+    assert terms.loc["loss", "by hand"] == pytest.approx(0.75 * class_term + 0.25 * dist_term,
+                                                         abs=1e-6)
+    assert (terms["by hand"] - terms["library"]).abs().max() < 1e-6
+    assert list(terms["weight"].iloc[1:]) == [0.75, 0.25, 1.0]
+    assert terms.loc["class term", "entries"] == 3 and terms.loc["distillation term", "entries"] == 2
+    assert terms.loc["soft targets", "by hand"] == pytest.approx(
+        (0.5 + sigmoid + (1 - sigmoid) + 0.5) / 4)
+    assert list(soft.columns) == ["class", "teacher covers (w)", "img3 y", "img3 t", "img3 σ(t/τ)",
+                                  "img7 y", "img7 t", "img7 σ(t/τ)"]
+    assert list(soft["teacher covers (w)"]) == [1, 0]
+    assert soft["img3 σ(t/τ)"].tolist() == pytest.approx([0.5, sigmoid])
+    assert soft["img7 y"].iloc[0] == 0 and math.isnan(soft["img7 y"].iloc[1])  # unknown: blank
+    assert student.training and teacher.training  # both left in the mode they came in
+
+
+def test_one_batch_kd_hard_targets_are_the_teachers_decisions():
+    student = _FixedHeads([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]])
+    teacher = _FixedTeacher([[0.0, 2.0], [-2.0, 0.5]], [1.0, 1.0])
+    batch, dataset = _kd_batch()
+    terms, soft = study.one_batch_kd(student, teacher, batch, dataset, kd_mode="hard", n_images=1)
+    assert soft["img3 1[σ(t) > ½]"].tolist() == [0.0, 1.0]  # σ(0) = ½ is not above ½
+    terms = terms.set_index("term")
+    assert terms.loc["soft targets", "by hand"] == 0.5  # 1[σ(t) > ½] over (0, 2, −2, 0.5)
+    assert terms.loc["loss", "library"] == pytest.approx(math.log(2), abs=1e-6)  # all logits 0
+
+
+def test_first_batch_is_the_training_loaders_first(tmp_path):
+    from _fakes import FAKE_CLASSES, GeneratedCXR
+    from cxrstudy.experiment import StudyData, first_batch, make_loaders
+
+    data = StudyData(train=GeneratedCXR(n=20, image_size=16), val=GeneratedCXR(n=6, image_size=16),
+                     test=GeneratedCXR(n=6, image_size=16), classes=list(FAKE_CLASSES),
+                     image_size=16, dataset="generated")
+    batch = first_batch(data, 8, seed=3)
+    loader_first = next(iter(make_loaders(data, 8, 3)[0]))
+    assert batch["image"].shape == (8, 1, 16, 16) and batch["target"].shape == (8, len(FAKE_CLASSES))
+    assert torch.equal(batch["index"], loader_first["index"])
+    assert not torch.equal(batch["index"], torch.arange(8))  # shuffled, as training reads it
+
+
+def test_shared_test_targets_refuses_runs_tested_on_other_rows():
+    from cxrstudy.experiment import shared_test_targets
+
+    targets, masks = np.array([[1, 0], [0, 1]]), np.ones((2, 2))
+    run = SimpleNamespace(targets=targets, masks=masks, patient_ids=np.array(["p1", "p2"]))
+    twin = SimpleNamespace(targets=targets.copy(), masks=masks.copy(),
+                           patient_ids=np.array(["p1", "p2"]))
+    got_targets, got_masks = shared_test_targets({"a": run, "b": twin})
+    assert got_targets is targets and got_masks is masks
+    swapped = SimpleNamespace(targets=targets[::-1], masks=masks, patient_ids=np.array(["p2", "p1"]))
+    with pytest.raises(ValueError, match="'b' was tested on other rows than 'a'"):
+        shared_test_targets({"a": run, "b": swapped})
+    with pytest.raises(ValueError, match="no runs"):
+        shared_test_targets({})

@@ -5,7 +5,7 @@ and knowledge distillation from a stronger teacher (notebooks 02 and 03).
   two placements in EfficientViT-M; registered as ``efficientvit_m0_mxa`` … ``efficientvit_m5_mxa``.
 - ``sigmoid_output.py``: the authors' baseline as their code builds it (a sigmoid before
   BCE-with-logits), registered as ``sigmoid_output``.
-- ``distillation.py``: the KD loss, L = (1 − α)·BCE(z_cls, y) + α·τ²·BCE(z_dist/τ, σ(z_t/τ)), and
-  its trainer.
+- ``distillation.py``: the KD loss, L = (1 − α)·BCE(z_cls, y) + α·BCE(z_dist, σ(t/τ)) (only the
+  teacher's logits t are divided by τ, and no τ² factor), and its trainer.
 - ``study.py``: the arms of 02 and 03, their settings and the papers' numbers they are set beside.
 """

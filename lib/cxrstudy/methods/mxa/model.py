@@ -74,6 +74,7 @@ parameters, so 12 203 954 are trained.
 """
 from __future__ import annotations
 
+import copy
 import re
 
 from typing import Any
@@ -81,6 +82,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...models.pretrained import create_timm_model, load_exact, read_state_dict
@@ -537,6 +539,188 @@ def box_statistics(model: nn.Module, loader, max_batches: int | None = None
     return pd.DataFrame(rows)
 
 
+# ---- one batch through the block, the equations beside the modules (notebook 02) -------------
+@torch.no_grad()
+def block_input(model: nn.Module, images: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """The feature map (B×C×H×W) the ``block``-th MXA block of ``model`` receives for ``images``
+    (caught by a forward hook; the model runs once, in evaluation mode, and is left as it came)."""
+    student = _student(model)
+    blocks = mxa_blocks(student)
+    if not blocks:
+        raise ValueError(f"{type(student).__name__} has no MXA block")
+    if not -len(blocks) <= block < len(blocks):
+        raise ValueError(f"block {block}: the model has {len(blocks)} MXA blocks")
+    seen = []
+    hook = blocks[block][1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        model(images.to(next(model.parameters()).device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return seen[0].detach()
+
+
+def _crop_by_hand(x: torch.Tensor, boxes: torch.Tensor, crop: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop one image at a time, the way the equations read (not the batched matrices of
+    :func:`crop_to_boxes`): faithful, the authors' ``int(box · size)``, slice and bilinear
+    resize; differentiable, one bilinear sample per output pixel at the box's continuous
+    coordinates (``grid_sample``). An empty or inverted box keeps the whole map. Returns the
+    crops and the regions used (normalised)."""
+    height, width = x.shape[-2:]
+    crops, regions = [], []
+    # the authors' int(box * size), on their float32 box
+    pixels = torch.floor(boxes.float() * torch.tensor([width, height, width, height],
+                                                      dtype=torch.float32, device=boxes.device))
+    for image, box, bounds in zip(x, boxes.tolist(), pixels.long().tolist()):
+        image = image[None]
+        if crop == "faithful":
+            x1, x2 = (min(max(v, 0), width) for v in (bounds[0], bounds[2]))
+            y1, y2 = (min(max(v, 0), height) for v in (bounds[1], bounds[3]))
+            if x2 <= x1 or y2 <= y1:
+                x1, y1, x2, y2 = 0, 0, width, height
+            crops.append(F.interpolate(image[:, :, y1:y2, x1:x2], size=(height, width),
+                                       mode="bilinear", align_corners=False))
+            regions.append([x1 / width, y1 / height, x2 / width, y2 / height])
+            continue
+        x1, y1, x2, y2 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+        if x2 <= x1 or y2 <= y1:
+            x1, y1, x2, y2 = 0.0, 0.0, float(width), float(height)
+        # pixel coordinate p of output i: lo + (i + ½)(hi − lo)/N − ½; grid_sample reads p at
+        # (2p + 1)/N − 1, and its border padding clamps to the map as crop_to_boxes does
+        columns = x1 + (torch.arange(width, dtype=x.dtype) + 0.5) * (x2 - x1) / width - 0.5
+        rows = y1 + (torch.arange(height, dtype=x.dtype) + 0.5) * (y2 - y1) / height - 0.5
+        grid = torch.stack(torch.meshgrid((2 * columns + 1) / width - 1,
+                                          (2 * rows + 1) / height - 1, indexing="xy"), dim=-1)
+        crops.append(F.grid_sample(image, grid[None].to(x.device), mode="bilinear",
+                                   padding_mode="border", align_corners=False))
+        regions.append([x1 / width, y1 / height, x2 / width, y2 / height])
+    return torch.cat(crops), torch.tensor(regions, dtype=x.dtype, device=x.device)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "×".join(str(n) for n in tensor.shape)
+
+
+@torch.no_grad()
+def trace_block(block: MXABlock, x: torch.Tensor) -> pd.DataFrame:
+    """MXA(x) step by step on a feature map ``x`` (B×C×H×W), each step twice: **by hand**, from
+    the equations of the module docstring with the block's own weights (``F.conv2d``, a crop one
+    image at a time), and by the **library**, the block's modules (the ROI head,
+    :func:`crop_to_boxes`, the two CBAM modules, whose maps M_c and M_s are read off their last
+    convolution, and the block's own forward for the output).
+
+    One row per step: the tensor's shape, the mean of each version and the largest absolute
+    difference between them. Both run in float64 on a copy of the block, so they agree to
+    rounding (about 1e-15) whatever the features' scale.
+    """
+    block = copy.deepcopy(block).double().eval()
+    x = x.detach().double()
+    roi, channel, spatial = block.roi, block.channel_attention, block.spatial_attention
+
+    # by hand, each line one equation
+    box = torch.sigmoid(F.conv2d(F.relu(F.conv2d(x, roi.conv.weight, padding=1)),
+                                 roi.box.weight, roi.box.bias)).mean(dim=(2, 3))
+    crop, region = _crop_by_hand(x, box, block.crop)
+    m_c = torch.sigmoid(F.conv2d(F.relu(F.conv2d(crop.mean(dim=(2, 3), keepdim=True),
+                                                 channel.squeeze.weight)), channel.expand.weight))
+    attended = m_c * crop
+    pooled = torch.cat([attended.amax(dim=1, keepdim=True), attended.mean(dim=1, keepdim=True)], 1)
+    m_s = torch.sigmoid(F.conv2d(pooled, spatial.conv.weight, padding=spatial.conv.padding))
+    output = m_s * attended
+    by_hand = [x, box, region, crop, m_c, attended, m_s, output]
+
+    # the library's modules; the attention maps caught where they are made
+    maps = {}
+    hooks = [channel.expand.register_forward_hook(
+                 lambda module, inputs, result: maps.__setitem__("m_c", torch.sigmoid(result))),
+             spatial.conv.register_forward_hook(
+                 lambda module, inputs, result: maps.__setitem__("m_s", torch.sigmoid(result)))]
+    try:
+        box_l = roi(x)
+        crop_l, region_l = crop_to_boxes(x, box_l, block.crop)
+        attended_l = channel(crop_l)
+        spatial(attended_l)
+        library = [x, box_l, region_l, crop_l, maps["m_c"], attended_l, maps["m_s"], block(x)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    rows = []
+    for (step, equation), mine, theirs in zip(TRACE_STEPS, by_hand, library):
+        if mine.shape != theirs.shape:
+            raise RuntimeError(f"{step}: by hand {_shape(mine)}, library {_shape(theirs)}")
+        rows.append({"step": step, "equation": equation, "shape": _shape(theirs),
+                     "by hand (mean)": float(mine.mean()), "library (mean)": float(theirs.mean()),
+                     "max |by hand − library|": float((mine - theirs).abs().max()),
+                     "finite": bool(torch.isfinite(mine).all() and torch.isfinite(theirs).all())})
+    return pd.DataFrame(rows)
+
+
+#: The rows of :func:`trace_block`: each step of the block and its equation.
+TRACE_STEPS = (
+    ("input", "x, the feature map the block sees"),
+    ("ROI box", "b = mean_hw σ(Conv1×1(ReLU(Conv3×3(x))))"),
+    ("region cropped", "b in whole pixels; the whole map if empty or inverted"),
+    ("crop", "x' = crop(x, b), resized to H×W"),
+    ("channel attention", "M_c = σ(W₂ ReLU(W₁ AvgPool(x')))"),
+    ("after channel attention", "x'' = M_c ⊙ x'"),
+    ("spatial attention", "M_s = σ(Conv7×7([max_c x''; mean_c x'']))"),
+    ("output", "MXA(x) = M_s ⊙ x''"),
+)
+
+
+#: Where each placement puts the block, what the block is given, and the residual it adds.
+PLACEMENT_WIRING = {
+    "mixer": ("ours: beside the window attention, at the block's mixer",
+              "dw0 and ffn0's output, where LWA reads",
+              "x ← x + LWA(x) + MXA(x)"),
+    "block_input": ("the authors' code: at the block's input, before dw0",
+                    "the block's input, as the block receives it",
+                    "y = (x + LWA(x)) + (x + MXA(x)), then the whole block on y"),
+}
+
+
+@torch.no_grad()
+def placement_table(backbone: str, images: torch.Tensor, num_classes: int,
+                    **mxa_kwargs: Any) -> pd.DataFrame:
+    """Both placements of MXA in ``backbone`` on the same ``images``, one row each: where the
+    block sits, what it is given, the shape its first block sees, how many times one forward
+    runs that block's window attention (once beside MXA, twice at the block input), the MXA
+    blocks, parameters and output shape. The two models hold the same weights (one state dict
+    fits both); ``mxa_kwargs``: ``mxa_mode``, ``crop``, ``roi_init``."""
+    from ...models.factory import count_parameters, create_model
+
+    rows, weights = [], None
+    for placement in MXA_PLACEMENTS:
+        model = create_model(f"{backbone}_mxa", num_classes, image_size=images.shape[-1],
+                             in_chans=images.shape[1], mxa_placement=placement,
+                             **mxa_kwargs).eval()
+        if weights is None:
+            weights = model.state_dict()
+        else:
+            model.load_state_dict(weights)
+        name, first = mxa_blocks(model)[0]
+        window_attention = model.get_submodule(name.rpartition(".mxa")[0]).m
+        seen, passes = [], []
+        hooks = [first.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape)),
+                 window_attention.register_forward_hook(lambda *_: passes.append(1))]
+        try:
+            logits = model(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        where, given, residual = PLACEMENT_WIRING[placement]
+        rows.append({"placement": placement, "where": where, "MXA is given": given,
+                     "residual": residual, "first block": block_label(name),
+                     "shape MXA sees": "×".join(str(n) for n in seen[0]),
+                     "LWA passes per block": len(passes), "MXA blocks": len(mxa_blocks(model)),
+                     "parameters": count_parameters(model), "output": _shape(logits)})
+    return pd.DataFrame(rows)
+
+
 def _register(variant: str) -> None:
     def builder(num_classes: int, in_chans: int, image_size: int,
                 pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
@@ -554,4 +738,5 @@ for _variant in EFFICIENTVIT_VARIANTS:
 __all__ = ["CROP_MODES", "MXA_MODES", "MXA_PLACEMENTS", "ROI_INITS", "ROIHead",
            "ChannelAttention", "SpatialAttention", "MXABlock", "MXAMixer", "MXAAtBlockInput",
            "add_mxa", "mxa_blocks", "last_boxes", "crop_to_boxes", "pixel_bounds",
-           "build_efficientvit_mxa", "block_shapes", "roi_boxes", "box_statistics"]
+           "build_efficientvit_mxa", "block_shapes", "roi_boxes", "box_statistics",
+           "block_input", "trace_block", "TRACE_STEPS", "placement_table", "PLACEMENT_WIRING"]

@@ -274,6 +274,30 @@ def authors_parameter_counts() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def model_for_arm(arm: str, backbone: str = "efficientvit_m5",
+                  mxa_options: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+    """Registry name and ``create_model`` kwargs of the network :func:`train_arm` trains:
+    :func:`arm_model`, with ``mxa_options`` over an MXA arm's own settings except the placement
+    an arm pins (``mxa_mixer``, ``mxa_kd_mixer``)."""
+    name, model_kwargs = arm_model(arm, backbone)
+    if mxa_options and ARMS[arm].mxa:
+        model_kwargs.update(mxa_options)
+    if ARMS[arm].placement is not None:  # a *_mixer arm keeps its own placement
+        model_kwargs["mxa_placement"] = ARMS[arm].placement
+    return name, model_kwargs
+
+
+def initial_arm_model(arm: str, data: StudyData, backbone: str = "efficientvit_m5",
+                      mxa_options: Mapping[str, Any] | None = None, seed: int = 0
+                      ) -> torch.nn.Module:
+    """The network ``arm`` starts training from in :func:`train_arm` (same seed, same initial
+    weights), for looking at one batch before any training."""
+    from ...experiment import initial_model
+
+    name, model_kwargs = model_for_arm(arm, backbone, mxa_options)
+    return initial_model(name, data, seed=seed, **model_kwargs)
+
+
 def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None = None, *,
               backbone: str = "efficientvit_m5", teacher: torch.nn.Module | None = None,
               alpha: float = 0.5, tau: float = 1.0, kd_mode: str = "soft",
@@ -289,11 +313,7 @@ def train_arm(arm: str, data: StudyData, out: Outputs, schedule: Schedule | None
     from ...experiment import train_and_evaluate
     from .distillation import DistillationTrainer
 
-    name, model_kwargs = arm_model(arm, backbone)
-    if mxa_options and ARMS[arm].mxa:
-        model_kwargs.update(mxa_options)
-    if ARMS[arm].placement is not None:  # a *_mixer arm keeps its own placement
-        model_kwargs["mxa_placement"] = ARMS[arm].placement
+    name, model_kwargs = model_for_arm(arm, backbone, mxa_options)
     if ARMS[arm].kd:
         if teacher is None:
             raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher=")
@@ -404,6 +424,114 @@ def roi_figure(model: torch.nn.Module, dataset, n_images: int):
                                      truth=[dataset.meta(i)["boxes"] for i in chosen])
 
 
+def one_batch_roi_figure(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], dataset,
+                         n_images: int):
+    """The box the first MXA block of ``model`` predicts on the first ``n_images`` of ``batch``
+    (rows ``batch["index"]`` of ``dataset``), beside the region it really cropped (the whole map
+    where the box is empty or inverted), the predicted box's corners in each title."""
+    from ... import plots
+    from ...explain.evidence import uint8_images
+    from .model import block_label, mxa_blocks, roi_boxes
+
+    images = batch["image"][:n_images]
+    predicted = roi_boxes(model, images)
+    name, first = mxa_blocks(getattr(model, "backbone", model))[0]
+    boxes = {f"predicted box ({block_label(name)})": predicted[name],
+             "region cropped": first.last_crop_boxes.float().cpu().numpy()}
+    titles = [f"{dataset.meta(int(i))['image_id']}\nb = (" + ", ".join(f"{v:.2f}" for v in box) + ")"
+              for i, box in zip(batch["index"][:n_images], predicted[name])]
+    return plots.normalised_box_grid(uint8_images(images), boxes, titles)
+
+
+@torch.no_grad()
+def one_batch_kd(student: torch.nn.Module, teacher: torch.nn.Module,
+                 batch: Mapping[str, torch.Tensor], dataset, *, alpha: float = 0.5,
+                 tau: float = 1.0, kd_mode: str = "soft", n_images: int = 2
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """03's loss on one batch, each term from its pieces beside the library's value.
+
+    ``student`` (a distilled model: both heads, z_cls and z_dist) and the frozen ``teacher``
+    (logits t in the student's class order, its ``teacher_mask`` w where it has one) run in
+    evaluation mode on the batch's images as the loader gives them. By hand, with
+    BCE(z, q) = −[q·log σ(z) + (1 − q)·log(1 − σ(z))] per entry, N images and label mask m::
+
+        q = σ(t/τ) (soft) or 1[σ(t) > ½] (hard)
+        L_cls  = Σ m·BCE(z_cls, y) / Σ m
+        L_dist = Σ w·BCE(z_dist, q) / (N·Σ w)
+        L      = (1 − α)·L_cls + α·L_dist
+
+    beside :func:`~cxrstudy.methods.mxa.distillation.teacher_targets`,
+    :func:`~cxrstudy.train.losses.masked_bce`, :func:`~cxrstudy.methods.mxa.distillation.distillation_bce`
+    and :func:`~cxrstudy.methods.mxa.distillation.kd_loss`. Returns the terms (one row each) and
+    the soft targets of the first ``n_images`` (rows ``batch["index"]`` of ``dataset``) with their
+    labels and teacher logits, one row per class.
+    """
+    import torch.nn.functional as F
+
+    from ...models.distill import DistilledOutput
+    from ...train.losses import masked_bce
+    from .distillation import check_kd_settings, distillation_bce, kd_loss, teacher_targets
+
+    check_kd_settings(alpha, tau, kd_mode)
+    device = next(teacher.parameters()).device
+    images = batch["image"].to(device)
+    y, m = batch["target"].float().to(device), batch["mask"].float().to(device)
+    modes = student.training, teacher.training
+    student.to(device).eval()
+    teacher.eval()
+    try:
+        heads = student.forward_heads(images) if hasattr(student, "forward_heads") else student(images)
+        t = teacher(images)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    if isinstance(t, DistilledOutput):  # a distilled teacher: its two heads averaged
+        t = (t.cls + t.dist) / 2
+    t = t.float()
+    z_cls, z_dist = (heads.cls, heads.dist) if isinstance(heads, DistilledOutput) else (heads, heads)
+    z_cls, z_dist = z_cls.float(), z_dist.float()
+    teacher_mask = getattr(teacher, "teacher_mask", None)
+    w = torch.ones(t.shape[1], device=device) if teacher_mask is None else teacher_mask.float()
+
+    def bce(z, target):
+        return -(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z))
+
+    q = torch.sigmoid(t / tau) if kd_mode == "soft" else (torch.sigmoid(t) > 0.5).float()
+    class_term = (m * bce(z_cls, y)).sum() / m.sum().clamp_min(1.0)
+    dist_term = (w * bce(z_dist, q)).sum() / (len(t) * w.sum()).clamp_min(1.0)
+    total = (1 - alpha) * class_term + alpha * dist_term
+
+    q_library = teacher_targets(t, tau, kd_mode)
+    library = [q_library.mean(), masked_bce(z_cls, y, m),
+               distillation_bce(z_dist, t, tau, kd_mode, teacher_mask),
+               kd_loss(DistilledOutput(z_cls, z_dist), y, m, t, alpha, tau, kd_mode, teacher_mask)]
+    target_name = "q = σ(t/τ)" if kd_mode == "soft" else "q = 1[σ(t) > ½]"
+    rows = [("soft targets", f"{target_name}, the teacher's targets", np.nan, len(t) * t.shape[1],
+             q.mean(), float((q - q_library).abs().max())),
+            ("class term", "L_cls = Σ m·BCE(z_cls, y) / Σ m", 1 - alpha, int(m.sum()),
+             class_term, None),
+            ("distillation term", "L_dist = Σ w·BCE(z_dist, q) / (N·Σ w)", alpha,
+             int(len(t) * w.sum()), dist_term, None),
+            ("loss", "L = (1 − α)·L_cls + α·L_dist", 1.0, np.nan, total, None)]
+    terms = pd.DataFrame([
+        {"term": term, "equation": equation, "weight": weight, "entries": entries,
+         "by hand": float(mine), "library": float(theirs),
+         "|by hand − library|": abs(float(mine) - float(theirs)) if gap is None else gap}
+        for (term, equation, weight, entries, mine, gap), theirs in zip(rows, library)])
+    terms.insert(1, "library function", ["teacher_targets (mean)", "masked_bce",
+                                         "distillation_bce", "kd_loss"])
+
+    soft = pd.DataFrame({"class": list(dataset.classes),
+                         "teacher covers (w)": w.cpu().numpy().astype(int)})
+    for k in range(min(n_images, len(t))):
+        image_id = dataset.meta(int(batch["index"][k]))["image_id"]
+        known = m[k].cpu().numpy() > 0
+        soft[f"{image_id} y"] = np.where(known, y[k].cpu().numpy(), np.nan)
+        soft[f"{image_id} t"] = t[k].cpu().numpy()
+        soft[f"{image_id} {target_name.split(' = ')[1]}"] = q[k].cpu().numpy()
+    return terms, soft
+
+
 __all__ = ["ARMS", "AUTHORS_MXA", "Arm", "arm_model", "arm_settings", "settings_by_arm",
            "paper_entry", "authors_parameters_m", "paper_micro_auc",
            "paper_gain", "authors_n_parameters",
@@ -411,4 +539,5 @@ __all__ = ["ARMS", "AUTHORS_MXA", "Arm", "arm_model", "arm_settings", "settings_
            "train_arm",
            "paper_micro_auc_by_arm", "VIEWS",
            "view_options", "authors_baseline_check", "paper_gain_parts", "paper_gain_sentence",
-           "roi_figure"]
+           "roi_figure", "model_for_arm", "initial_arm_model", "one_batch_roi_figure",
+           "one_batch_kd"]
