@@ -163,6 +163,13 @@ def save_per_class(out: Outputs, runs: Mapping[str, RunResult], dataset: str) ->
     return table
 
 
+def reference_arm(runs: Mapping[Any, RunResult], preferred: Any) -> Any:
+    """The run :func:`ablation_table` tests every other against: ``preferred`` (the notebook
+    names it and says why: 05 the linear probe, 06 one network alone) when it ran, else the first
+    run, so a profile that leaves it out still gets its table."""
+    return preferred if preferred in runs else next(iter(runs))
+
+
 def save_results(out: Outputs, runs: Mapping[Any, RunResult], data: StudyData,
                  **entries: Any) -> None:
     """Write ``entries`` and every run's metrics (:func:`run_metrics`, unless ``models`` is
@@ -173,5 +180,5 @@ def save_results(out: Outputs, runs: Mapping[Any, RunResult], data: StudyData,
 
 
 __all__ = ["AUC_COLUMNS", "ablation_table", "auc_columns", "best_run_sentence", "comparison_table",
-           "epochs_trained", "overall_row", "per_class_table", "run_metrics", "save_per_class",
+           "epochs_trained", "overall_row", "per_class_table", "reference_arm", "run_metrics", "save_per_class",
            "save_results"]

@@ -1,9 +1,11 @@
 """The notebooks' glue: the data prepared and a run end to end."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cxrstudy.experiment import prepare_data, train_and_evaluate
 from cxrstudy.outputs import Outputs
@@ -52,3 +54,33 @@ def test_augmentation_options_and_min_lr_reach_the_trainer(tmp_path):
     assert metrics["recipe"]["epochs_trained"] == 1
     assert set(metrics["recipe"]["per_class_auc"]) == set(data.classes)
     assert best_run_sentence({"recipe": run}, data).startswith("Best macro AUC: recipe ")
+
+
+def test_first_batch_is_the_training_loaders_first():
+    from _fakes import FAKE_CLASSES, GeneratedCXR
+    from cxrstudy.experiment import StudyData, first_batch, make_loaders
+
+    data = StudyData(train=GeneratedCXR(n=20, image_size=16), val=GeneratedCXR(n=6, image_size=16),
+                     test=GeneratedCXR(n=6, image_size=16), classes=list(FAKE_CLASSES),
+                     image_size=16, dataset="generated")
+    batch = first_batch(data, 8, seed=3)
+    loader_first = next(iter(make_loaders(data, 8, 3)[0]))
+    assert batch["image"].shape == (8, 1, 16, 16) and batch["target"].shape == (8, len(FAKE_CLASSES))
+    assert torch.equal(batch["index"], loader_first["index"])
+    assert not torch.equal(batch["index"], torch.arange(8))  # shuffled, as training reads it
+
+
+def test_shared_test_targets_refuses_runs_tested_on_other_rows():
+    from cxrstudy.experiment import shared_test_targets
+
+    targets, masks = np.array([[1, 0], [0, 1]]), np.ones((2, 2))
+    run = SimpleNamespace(targets=targets, masks=masks, patient_ids=np.array(["p1", "p2"]))
+    twin = SimpleNamespace(targets=targets.copy(), masks=masks.copy(),
+                           patient_ids=np.array(["p1", "p2"]))
+    got_targets, got_masks = shared_test_targets({"a": run, "b": twin})
+    assert got_targets is targets and got_masks is masks
+    swapped = SimpleNamespace(targets=targets[::-1], masks=masks, patient_ids=np.array(["p2", "p1"]))
+    with pytest.raises(ValueError, match="'b' was tested on other rows than 'a'"):
+        shared_test_targets({"a": run, "b": swapped})
+    with pytest.raises(ValueError, match="no runs"):
+        shared_test_targets({})

@@ -389,33 +389,3 @@ def test_one_batch_kd_hard_targets_are_the_teachers_decisions():
     terms = terms.set_index("term")
     assert terms.loc["soft targets", "by hand"] == 0.5  # 1[σ(t) > ½] over (0, 2, −2, 0.5)
     assert terms.loc["loss", "library"] == pytest.approx(math.log(2), abs=1e-6)  # all logits 0
-
-
-def test_first_batch_is_the_training_loaders_first(tmp_path):
-    from _fakes import FAKE_CLASSES, GeneratedCXR
-    from cxrstudy.experiment import StudyData, first_batch, make_loaders
-
-    data = StudyData(train=GeneratedCXR(n=20, image_size=16), val=GeneratedCXR(n=6, image_size=16),
-                     test=GeneratedCXR(n=6, image_size=16), classes=list(FAKE_CLASSES),
-                     image_size=16, dataset="generated")
-    batch = first_batch(data, 8, seed=3)
-    loader_first = next(iter(make_loaders(data, 8, 3)[0]))
-    assert batch["image"].shape == (8, 1, 16, 16) and batch["target"].shape == (8, len(FAKE_CLASSES))
-    assert torch.equal(batch["index"], loader_first["index"])
-    assert not torch.equal(batch["index"], torch.arange(8))  # shuffled, as training reads it
-
-
-def test_shared_test_targets_refuses_runs_tested_on_other_rows():
-    from cxrstudy.experiment import shared_test_targets
-
-    targets, masks = np.array([[1, 0], [0, 1]]), np.ones((2, 2))
-    run = SimpleNamespace(targets=targets, masks=masks, patient_ids=np.array(["p1", "p2"]))
-    twin = SimpleNamespace(targets=targets.copy(), masks=masks.copy(),
-                           patient_ids=np.array(["p1", "p2"]))
-    got_targets, got_masks = shared_test_targets({"a": run, "b": twin})
-    assert got_targets is targets and got_masks is masks
-    swapped = SimpleNamespace(targets=targets[::-1], masks=masks, patient_ids=np.array(["p2", "p1"]))
-    with pytest.raises(ValueError, match="'b' was tested on other rows than 'a'"):
-        shared_test_targets({"a": run, "b": swapped})
-    with pytest.raises(ValueError, match="no runs"):
-        shared_test_targets({})

@@ -46,13 +46,6 @@ def ordered_arms(arms: Sequence[str], design: Mapping[str, str]) -> list[str]:
     return [arm for arm in design if arm in set(arms)]
 
 
-def reference_arm(runs: Mapping[str, object], preferred: str) -> str:
-    """The arm the arms table tests every other against: ``preferred`` (06: ``single``, the
-    first network alone, what "CAN beats one network" is measured from) when it ran; else the
-    first arm that ran, so a profile that leaves it out still gets a table."""
-    return preferred if preferred in runs else next(iter(runs))
-
-
 def arm_with_maps(runs: Mapping[str, object]) -> str | None:
     """The arm whose attention maps the notebook shows: ``can_balance`` (CAN as published, with
     its balance loss), else ``can_bce``, else the first CAN arm that ran with its attention on;
@@ -227,6 +220,6 @@ def one_batch_cross_attention(model: CrossAttentionNetwork, batch: dict, gamma: 
             "maps": {name: minmax_per_image(value.float()).numpy() for name, value in maps.items()}}
 
 
-__all__ = ["NO_ATTENTION_ARM", "ordered_arms", "reference_arm", "arm_with_maps", "arm_loss",
+__all__ = ["NO_ATTENTION_ARM", "ordered_arms", "arm_with_maps", "arm_loss",
            "train_arm", "comparisons", "attention_by_hand", "balance_loss_by_hand",
            "one_batch_cross_attention"]

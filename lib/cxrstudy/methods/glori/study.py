@@ -315,13 +315,6 @@ def lr_sweep_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
 
 
-def reference_arm(runs: Mapping[str, object], preferred: str) -> str:
-    """The arm the arms table tests every other against: ``preferred`` (05: ``linear_probe``,
-    since the paper's question is what class queries add to the probe's global features) when
-    it ran; else the first arm that ran, so a profile that leaves it out still gets a table."""
-    return preferred if preferred in runs else next(iter(runs))
-
-
 def arms_table(runs: Mapping[str, RunResult], reference: str,
                classes: Sequence[str]) -> pd.DataFrame:
     """:func:`cxrstudy.tables.ablation_table` of the arms with the learning rate each kept run
@@ -423,5 +416,5 @@ def one_image_attention(model: GLoRI, image: torch.Tensor, classes: Sequence[str
 __all__ = ["BUCKETS", "GLORI_LOSSES", "N_BLOCKS", "RATE_TAG", "SWEEP_COLUMNS", "glori_loss",
            "arm_settings", "prevalence_buckets", "bucket_table", "with_training_fraction",
            "save_backbone", "rate_tag", "validation_auc", "select_rate", "arm_rates", "train_arms",
-           "chosen_rates", "lr_sweep_table", "reference_arm", "arms_table", "label_efficiency",
+           "chosen_rates", "lr_sweep_table", "arms_table", "label_efficiency",
            "attention_by_hand", "one_image_attention"]
