@@ -189,3 +189,21 @@ def test_make_clean_results_removes_the_profile_and_its_archive():
     finally:
         import shutil
         shutil.rmtree(repo / "results" / profile, ignore_errors=True)
+
+
+def test_papermills_notes_on_the_grouped_schedule_lines_are_dropped_and_nothing_else(caplog):
+    """The runner silences papermill's "Unable to parse line" / "Passed unknown parameter" (its
+    one-name-a-line reader and our grouped schedule lines), not its other messages."""
+    import logging
+
+    from cxrstudy.pipeline.workers import quiet_grouped_schedule_notes
+
+    quiet_grouped_schedule_notes()
+    quiet_grouped_schedule_notes()  # idempotent
+    assert len(logging.getLogger("papermill.translators").filters) == 1
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("papermill.translators").warning("Unable to parse line 21 'a = 1; b = 2'.")
+        logging.getLogger("papermill").warning("Passed unknown parameter: lr")
+        logging.getLogger("papermill").warning("Input notebook does not contain a cell with tag 'parameters'")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Input notebook does not contain a cell with tag 'parameters'"]

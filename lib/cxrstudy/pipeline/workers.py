@@ -191,9 +191,26 @@ def execute_in_process(spec, params: dict, output_dir: Path, kernel_name: str = 
                                    f"{process.returncode} and no result")
 
 
-class _KnownParameters(logging.Filter):
+class _GroupedScheduleNotes(logging.Filter):
+    """Drops papermill's notes on the training schedule's grouped lines (``epochs = 4;
+    batch_size = 128; ...``): its parameter reader takes one ``name = value`` a line, so it says
+    "Unable to parse line" of those lines and "Passed unknown parameter" of their fields. Our
+    own reader (``ast``) sees every field, and refuses any key a notebook does not declare before
+    a kernel starts, so both notes are noise here."""
+
+    NOTES = ("Passed unknown parameter", "Unable to parse line")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Passed unknown parameter")
+        return not record.getMessage().startswith(self.NOTES)
+
+
+def quiet_grouped_schedule_notes() -> None:
+    """Install :class:`_GroupedScheduleNotes` on the two papermill loggers that write them
+    (once)."""
+    for name in ("papermill", "papermill.translators"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _GroupedScheduleNotes) for f in logger.filters):
+            logger.addFilter(_GroupedScheduleNotes())
 
 
 def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
@@ -203,10 +220,7 @@ def execute_notebook(spec: NotebookSpec, params: dict, output_dir: Path,
     import papermill
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    # papermill reads a parameters cell one ``name = value`` per line, so it takes the schedule's
-    # ``epochs = 4; batch_size = 128`` lines for one name and warns of "unknown" parameters; our
-    # own reader (ast) has already refused any key the notebook does not declare.
-    logging.getLogger("papermill").addFilter(_KnownParameters())
+    quiet_grouped_schedule_notes()
     papermill.execute_notebook(
         str(spec.path), str(Outputs(output_dir).executed_notebook), parameters=params,
         kernel_name=kernel_name, cwd=str(spec.path.parent), progress_bar=progress,
