@@ -5,6 +5,12 @@ classes), so loading it never runs code from the file. It is first written to a 
 file in the same folder and then moved over the old one with ``os.replace``: a crash while
 saving leaves the previous checkpoint intact, never a half-written one.
 
+Beside each checkpoint, ``<name>.pt.sha256`` records its SHA-256 in ``sha256sum``'s format
+(``sha256sum -c`` checks it too); loading verifies it, so a corrupted file is refused by name
+instead of being evaluated. The old digest is removed before a checkpoint is replaced, so an
+interruption between the two writes leaves a checkpoint without a digest (loaded with a warning),
+never one with a wrong digest.
+
 Keys: ``format``, ``version``, ``kind`` ("last"/"best"), ``epoch`` (completed epochs),
 ``model`` and ``ema`` (state dicts; ``ema`` None when off), ``optimizer``, ``scheduler``,
 ``history`` (list of per-epoch dicts), ``rng`` (see :mod:`cxrstudy.train.seeding`),
@@ -15,6 +21,8 @@ it has one), ``model_config`` (``model.cxr_config``),
 """
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,11 @@ CHECKPOINT_FORMAT = "cxrstudy-checkpoint"
 CHECKPOINT_VERSION = 1
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+DIGEST_SUFFIX = ".sha256"
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint's bytes are not those whose SHA-256 was recorded when it was written."""
 
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
 
@@ -64,22 +77,73 @@ def to_cpu(value: Any) -> Any:
     return value
 
 
+def digest_path(path) -> Path:
+    """The file beside checkpoint ``path`` that records its SHA-256 (``best.pt.sha256``)."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(payload: dict, path) -> Path:
-    """Write ``payload`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    """Write ``payload`` to ``path`` atomically (temporary file + ``os.replace``), then its
+    SHA-256 to :func:`digest_path` (atomically too)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **to_cpu(payload)}
     check_plain(payload, str(path))
-    with atomic_path(path, sync=True) as temp, open(temp, "wb") as stream:
-        torch.save(payload, stream)
+    digest_file = digest_path(path)
+    with atomic_path(path, sync=True) as temp:
+        with open(temp, "wb") as stream:
+            torch.save(payload, stream)
+        digest = file_sha256(temp)  # of the bytes on disk, as a later load reads them
+        digest_file.unlink(missing_ok=True)  # never leave the old digest beside the new file
+    with atomic_path(digest_file) as temp:
+        temp.write_text(f"{digest}  {path.name}\n")
     return path
 
 
+def remove_checkpoint(path) -> None:
+    """Delete checkpoint ``path`` and its digest file (either may already be gone)."""
+    Path(path).unlink(missing_ok=True)
+    digest_path(path).unlink(missing_ok=True)
+
+
+def verify_checkpoint(path) -> bool:
+    """Check ``path`` against its recorded SHA-256: True when it matches, False when no digest
+    was recorded (checkpoints of older runs); a mismatch raises
+    :class:`CheckpointIntegrityError`."""
+    path = Path(path)
+    digest_file = digest_path(path)
+    if not digest_file.is_file():
+        return False
+    fields = digest_file.read_text().split()
+    expected = fields[0].lower() if fields else ""
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise CheckpointIntegrityError(f"{digest_file} does not hold a SHA-256 hex digest "
+                                       f"(found {digest_file.read_text()[:80]!r})")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointIntegrityError(
+            f"checkpoint {path} is corrupt: its SHA-256 is {actual}, but {digest_file.name} "
+            f"recorded {expected} when it was written; retrain, or restore the file")
+    return True
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``; errors name the file."""
+    """Read a checkpoint with ``weights_only=True`` after checking its recorded SHA-256
+    (:func:`verify_checkpoint`); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verified = verify_checkpoint(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -90,6 +154,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint version {payload['version']}, newer than this "
                          f"cxrstudy understands ({CHECKPOINT_VERSION})")
+    if not verified:
+        warnings.warn(f"checkpoint {path} has no {digest_path(path).name} (written before "
+                      f"checkpoints recorded their SHA-256, or interrupted): its integrity is "
+                      f"not checked", stacklevel=2)
     return payload
 
 
@@ -144,6 +212,7 @@ def load_model_from_checkpoint(path, map_location="cpu", use_ema: bool = True
     return model, meta
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "existing_checkpoints", "check_plain", "to_cpu",
+__all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "remove_checkpoint",
+           "digest_path", "file_sha256", "CheckpointIntegrityError", "DIGEST_SUFFIX", "existing_checkpoints", "check_plain", "to_cpu",
            "checkpoint_file", "load_model_from_checkpoint", "CHECKPOINT_FORMAT",
            "CHECKPOINT_VERSION", "LAST_NAME", "BEST_NAME"]
