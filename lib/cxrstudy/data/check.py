@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .base import CorruptImageError
+from .splits import describe_leak, shared_patients
 from ..pipeline.arguments import add_check_arguments
 
 CHUNK = 256
@@ -105,6 +106,11 @@ def _summarise_tables(report: CheckReport, dataset) -> None:
                                + ", ".join(duplicated[:5]))
     if report.images == 0:
         report.problems.append("the label files list no images")
+    if "official_split" in records.columns:
+        # Training would refuse this split (splits.assign_splits); say so before it starts.
+        leaked = shared_patients(records["patient_id"], records["official_split"])
+        if leaked:
+            report.problems.append(describe_leak(leaked, "the official split"))
     for class_name, positives in zip(report.prevalence["class"], report.prevalence["positives"]):
         if positives == 0:
             report.notes.append(f"class {class_name} has no positive image")

@@ -9,6 +9,10 @@ train_val_list.txt/test_list.txt, CheXpert train/valid, VinDr train/test, MedMNI
 train/val/test) it is used as is; a validation set is carved from the official training
 patients only when the release has none. Otherwise a split is drawn from the sorted patient
 ids with a seeded permutation, so it depends only on (patient ids, seed, fractions).
+
+Whatever builds a split (official lists, a seeded draw, a loaded table) ends in
+:func:`require_disjoint_patients`: an official list that puts one patient in two splits is a
+leak like any other and is refused, naming the patients.
 """
 from __future__ import annotations
 
@@ -20,6 +24,35 @@ import pandas as pd
 from ..files import atomic_path
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+class PatientLeakError(ValueError):
+    """A patient has images in two splits: its test AUC would be measured on anatomy it trained on."""
+
+
+def shared_patients(patient_ids, assignment) -> dict[str, list[str]]:
+    """Patient id -> the sorted splits it appears in, for every patient in more than one."""
+    pairs = pd.DataFrame({"patient": np.asarray(patient_ids).astype(str),
+                          "split": np.asarray(assignment, dtype=object).astype(str)})
+    pairs = pairs.drop_duplicates()
+    leaking = pairs[pairs["patient"].duplicated(keep=False)]
+    return {str(patient): sorted(splits) for patient, splits
+            in leaking.groupby("patient", sort=True)["split"]}
+
+
+def describe_leak(shared: dict[str, list[str]], source: str, shown: int = 5) -> str:
+    """One line naming the count and the first few shared patients with their splits."""
+    examples = ", ".join(f"{p} ({'/'.join(s)})" for p, s in list(shared.items())[:shown])
+    more = f" and {len(shared) - shown} more" if len(shared) > shown else ""
+    return (f"{source}: {len(shared)} patients have images in more than one split "
+            f"(patient leakage): {examples}{more}")
+
+
+def require_disjoint_patients(patient_ids, assignment, source: str) -> None:
+    """Refuse a split in which any patient lands in two splits (:class:`PatientLeakError`)."""
+    shared = shared_patients(patient_ids, assignment)
+    if shared:
+        raise PatientLeakError(describe_leak(shared, source))
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -73,6 +106,14 @@ def assign_splits(dataset, seed: int = 0, val_fraction: float = 0.1,
     seed; a clear error when there are too few patients for a non-empty split each.
     """
     _check_fractions(val_fraction, test_fraction)
+    assignment = _assign(dataset, seed, val_fraction, test_fraction)
+    kind = "official" if "official_split" in dataset.records.columns else "seeded"
+    require_disjoint_patients(dataset.records["patient_id"], assignment,
+                              f"{getattr(dataset, 'name', 'dataset')}: the {kind} split")
+    return assignment
+
+
+def _assign(dataset, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
     records = dataset.records
     patients = records["patient_id"].astype(str).to_numpy()
     if len(patients) == 0:
@@ -143,7 +184,9 @@ def align_splits(dataset, table: pd.DataFrame) -> np.ndarray:
     if len(missing):
         raise KeyError(f"{len(missing)} images have no split in the table, e.g. "
                        f"{missing.iloc[:3].tolist()}")
-    return lookup.reindex(ids).to_numpy(dtype=object)
+    assignment = lookup.reindex(ids).to_numpy(dtype=object)
+    require_disjoint_patients(dataset.records["patient_id"], assignment, "the split table")
+    return assignment
 
 
 def subsample_patients(dataset, max_images: int, seed: int,
@@ -183,5 +226,6 @@ def subsample_dataset(dataset, max_images: int | None, seed: int):
     return subset
 
 
-__all__ = ["SPLIT_NAMES", "assign_splits", "save_splits", "load_splits", "align_splits",
+__all__ = ["SPLIT_NAMES", "PatientLeakError", "shared_patients", "describe_leak",
+           "require_disjoint_patients", "assign_splits", "save_splits", "load_splits", "align_splits",
            "subsample_patients", "subsample_dataset"]

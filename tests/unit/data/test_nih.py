@@ -13,7 +13,8 @@ from PIL import Image
 from cxrstudy.data import CorruptImageError, load_dataset
 from cxrstudy.data.labels import NIH_CLASSES
 from cxrstudy.data.nih import NIHDataset
-from cxrstudy.data.splits import assign_splits
+from cxrstudy.data.check import check_dataset
+from cxrstudy.data.splits import PatientLeakError, assign_splits
 from cxrstudy.paths import DataNotFoundError
 
 XRV_DATA = Path(importlib.util.find_spec("torchxrayvision").submodule_search_locations[0]) / "data"
@@ -275,6 +276,28 @@ def test_official_lists_become_the_split(tmp_path):
     (root / "test_list.txt").write_text("\n".join(names[:6]) + "\n")  # one image in both
     with pytest.raises(ValueError, match=names[5]):
         NIHDataset(root=root)
+
+
+def test_official_lists_sharing_a_patient_fail_the_check_and_the_split(tmp_path):
+    # Patient 3 has its first image in the test list and its follow-up in train_val_list.
+    rows = [f"000000{p:02d}_000.png,Mass,0,{p},50,M,PA,1,1,0.1,0.1" for p in range(1, 9)]
+    rows.append("00000003_001.png,Mass,1,3,50,M,PA,1,1,0.1,0.1")
+    root = fabricated_root(tmp_path, rows)
+    names = [r.split(",")[0] for r in rows]
+    (root / "test_list.txt").write_text("\n".join(names[:3]) + "\n")
+    (root / "train_val_list.txt").write_text("\n".join(names[3:]) + "\n")
+    report = check_dataset("nih", root, progress=False)
+    assert not report.ok
+    assert [p for p in report.problems if "patient leakage" in p] == [
+        "the official split: 1 patients have images in more than one split (patient "
+        "leakage): 3 (test/train)"]
+    with pytest.raises(PatientLeakError, match=r"nih: the official split: 1 patients .* 3 "):
+        load_dataset("nih", root=root, split="train", image_size=16)
+    # The same release with the follow-up in the test list too is clean and trains.
+    (root / "test_list.txt").write_text("\n".join(names[:3] + names[-1:]) + "\n")
+    (root / "train_val_list.txt").write_text("\n".join(names[3:-1]) + "\n")
+    assert check_dataset("nih", root, progress=False).ok
+    assert len(load_dataset("nih", root=root, split="test", image_size=16, val_fraction=0)) == 4
 
 
 def test_strict_images_from_the_environment(tmp_path, monkeypatch):

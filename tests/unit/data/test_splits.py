@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrstudy.data.splits import align_splits, assign_splits, load_splits, save_splits
+from cxrstudy.data.splits import (PatientLeakError, align_splits, assign_splits, load_splits,
+                                   require_disjoint_patients, save_splits, shared_patients)
 
 
 def fake_dataset(patients, official=None):
@@ -155,3 +156,30 @@ def test_subsample_dataset_keeps_each_rows_split():
     # the subset's split of each row is the row's split in the full dataset
     full_split = dict(zip(ds.records["image_id"], ds.split_assignment))
     assert list(small.split_assignment) == [full_split[i] for i in small.records["image_id"]]
+
+
+def test_official_split_sharing_a_patient_is_refused_naming_it():
+    # Patient 7 has one image in the official training list and one in the test list.
+    patients = [1, 2, 3, 7, 4, 5, 7, 6]
+    official = ["train"] * 4 + ["test"] * 4
+    with pytest.raises(PatientLeakError, match=r"1 patients .*7 \(test/train\)"):
+        assign_splits(fake_dataset(patients, official), seed=0)
+    with pytest.raises(PatientLeakError, match="official"):
+        assign_splits(fake_dataset(patients, official), seed=0, val_fraction=0)
+
+
+def test_leak_message_counts_all_and_names_a_few():
+    patients = [f"p{k}" for k in range(8)] * 2
+    assignment = ["train"] * 8 + ["test"] * 8
+    assert sorted(shared_patients(patients, assignment)) == [f"p{k}" for k in range(8)]
+    with pytest.raises(PatientLeakError, match=r"8 patients .*p4 \(test/train\) and 3 more"):
+        require_disjoint_patients(patients, assignment, "somewhere")
+    require_disjoint_patients(["a", "a", "b"], ["train", "train", "test"], "fine")
+
+
+def test_a_loaded_split_table_that_leaks_is_refused():
+    ds = fake_dataset([1, 1, 2])
+    table = pd.DataFrame({"image_id": ["img0", "img1", "img2"], "patient_id": ["1", "1", "2"],
+                          "split": ["train", "test", "test"]})
+    with pytest.raises(PatientLeakError, match=r"1 \(test/train\)"):
+        align_splits(ds, table)
