@@ -16,7 +16,9 @@ Everything else (resizing, targets and masks, box scaling, subsets, cache use) l
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Sequence
 
 import warnings
 
@@ -33,6 +35,40 @@ BOX_COLUMNS = ("image_id", "label", "x", "y", "w", "h", "space_w", "space_h")
 
 class CorruptImageError(RuntimeError):
     """An image file that exists but cannot be decoded (named in the message)."""
+
+
+class UnsafeImagePathError(ValueError):
+    """A labels-file entry that would open a file outside its dataset folder."""
+
+
+def _leaves_root(folder: Path, resolved_root: Path, entry: str) -> bool:
+    """True when ``entry`` is absolute or, climbing with '..', resolves outside the root."""
+    if not entry.startswith(("/", "\\")) and ".." not in entry:
+        return False  # the common case, decided without touching the disk
+    if os.path.isabs(entry) or entry.startswith("\\"):
+        return True
+    if ".." not in PurePosixPath(entry.replace("\\", "/")).parts:
+        return False  # "a..b.png" is a plain name
+    return not (folder / entry).resolve().is_relative_to(resolved_root)
+
+
+def refuse_paths_outside(root, entries: Iterable[str], label_file, under: str = "") -> None:
+    """Raise :class:`UnsafeImagePathError` naming the entries of ``label_file`` that would be
+    opened outside ``root`` (absolute, or '..' leading out of it); entries are relative to
+    ``root / under``.
+
+    An image id like ``../../x.png`` otherwise becomes a path that is opened and trained on.
+    Root and candidate are compared resolved, so a data root reached through a symlink keeps
+    working; relative entries without '..' are never resolved (a root may hold symlinks).
+    """
+    root = Path(root)
+    resolved_root = root.resolve()
+    folder = root / under
+    bad = [str(e) for e in entries if _leaves_root(folder, resolved_root, str(e))]
+    if bad:
+        raise UnsafeImagePathError(
+            f"{label_file}: {len(bad)} image entries point outside the dataset folder {root} "
+            f"(absolute, or climbing out with '..'), e.g. {bad[:3]}; refused")
 
 
 def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:

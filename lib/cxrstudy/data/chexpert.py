@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, report_missing_images
+from .base import BOX_COLUMNS, CXRDataset, refuse_paths_outside, report_missing_images
 from .labels import CHEXPERT_CLASSES
 
 UNCERTAINTY_POLICIES = {"u_ones": 1.0, "u_zeros": 0.0, "ignore": np.nan}
@@ -213,6 +213,8 @@ class CheXpertDataset(CXRDataset):
         if self.labels_only:
             records["path"] = None
         else:
+            refuse_paths_outside(self.root, records["image_id"],
+                                 " and ".join(str(p) for p in csv_files))
             existing = _existing_files(self.root, sorted(top.unique()))
             found = records["image_id"].isin(existing).to_numpy()
             report_missing_images(found[keep], records["image_id"][keep], self.strict,

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
-from .base import BOX_COLUMNS, CXRDataset, report_missing_images
+from .base import BOX_COLUMNS, CXRDataset, refuse_paths_outside, report_missing_images
 from .labels import NIH_CLASSES, NIH_NO_FINDING, canonical
 
 LABEL_FILE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -280,6 +280,7 @@ class NIHDataset(CXRDataset):
         if self.labels_only:
             records["path"] = None
         else:
+            refuse_paths_outside(self.root, records["image_id"], self.label_file, under="images")
             index = index_images(self.root)
             paths = records["image_id"].map(index)
             found = paths.notna().to_numpy()

@@ -45,7 +45,7 @@ import pandas as pd
 
 from ..paths import DataNotFoundError, dataset_dir
 from .base import (BOX_COLUMNS, CXRDataset, CorruptImageError, read_image_file,
-                   report_missing_images, to_uint8_grayscale)
+                   refuse_paths_outside, report_missing_images, to_uint8_grayscale)
 from .labels import (VINDR_GLOBAL_CLASSES, VINDR_KAGGLE_CLASSES, VINDR_LOCAL_CLASSES,
                      VINDR_NO_FINDING, canonical)
 
@@ -321,12 +321,16 @@ class VinDrDataset(CXRDataset):
         if labels_only:
             records["path"] = None
         else:
+            label_file = (physionet.parent / "image_labels_{train,test}.csv"
+                          if self.layout == "physionet" else kaggle_file)
+            folder = records.get("official_split", pd.Series("train", index=records.index))
+            refuse_paths_outside(self.root, [f"{split}/{image_id}.dicom" for split, image_id
+                                             in zip(folder, records["image_id"])], label_file)
             index = index_images([self.root / "train", self.root / "test"])
             paths = records["image_id"].map(index)
             found = paths.notna().to_numpy()
             report_missing_images(found, records["image_id"], strict,
                                   f"{self.root / 'train'} and {self.root / 'test'}")
-            folder = records.get("official_split", pd.Series("train", index=records.index))
             records["path"] = [str(p) if isinstance(p, Path)
                                else str(self.root / split / f"{image_id}.dicom")
                                for p, split, image_id in zip(paths, folder, records["image_id"])]
