@@ -192,17 +192,19 @@ def previous_fingerprint(outputs: Outputs) -> str | None:
     return record.get("fingerprint") if record.get("status") == "ok" else None
 
 
-def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None]) -> Path | None:
+def archive_previous(output_dir: Path, fp: str, log: Callable[[str], None],
+                     force: bool = False) -> Path | None:
     """Move earlier outputs aside before a rerun, so nothing is silently overwritten.
 
     A run of the same fingerprint that did not finish (failed, interrupted by Ctrl-C, or killed
-    while ``running``) stays in place: its ``last.pt`` checkpoints let training resume.
+    while ``running``) stays in place: its ``last.pt`` checkpoints let training resume. With
+    ``force`` (``--force``) everything is moved aside and the run starts afresh.
     """
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return None
     outputs = Outputs.read_only(output_dir)
     record = outputs.load_provenance()
-    if record.get("status") in RESUMABLE and record.get("fingerprint") == fp:
+    if not force and record.get("status") in RESUMABLE and record.get("fingerprint") == fp:
         log(f"    resuming in place: the last run of these parameters was {record['status']} "
             f"({output_dir})")
         return None
@@ -279,7 +281,7 @@ class _StudyRun:
             f"on {worker.label}, profile {self.profile}"
         self.log(f"{prefix}: running {where} → {output_dir}")
         with RunLock(output_dir):
-            archive_previous(output_dir, fp, log)
+            archive_previous(output_dir, fp, log, force=self.force)
             output_dir.mkdir(parents=True, exist_ok=True)
             # written first, so a run killed mid-way is recognised (and resumed) next time
             record("running", 0.0, None)

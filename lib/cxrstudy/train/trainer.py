@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as text_tqdm
 
+from ..files import move_aside
 from . import checkpoint as ckpt
 from .config import _OPERATIONAL_FIELDS, TrainConfig
 from .losses import masked_bce, make_loss
@@ -383,7 +384,7 @@ class Trainer:
                 "final_stopped_early": bool(self.stopped_early)}
         if best.is_file():
             ckpt.save_checkpoint({**ckpt.load_checkpoint(best), **done}, best)
-            last.unlink(missing_ok=True)
+            ckpt.remove_checkpoint(last)
         elif last.is_file():  # no validation, so no best.pt: last.pt holds the weights
             payload = ckpt.load_checkpoint(last)
             payload.update(dict.fromkeys(_RESUME_ONLY))
@@ -399,6 +400,19 @@ class Trainer:
         if self.ema is not None and payload.get("ema") is not None:
             self.ema.module.load_state_dict(payload["ema"])
         return payload
+
+    def _set_aside_unresumable(self, directory: Path) -> None:
+        """An unfinished best.pt without last.pt (a run stopped between writing the two in its
+        first epoch) cannot be continued: move it aside so this run starts afresh."""
+        stale = [p for name in (ckpt.BEST_NAME, ckpt.LAST_NAME)
+                 for p in (directory / name, ckpt.digest_path(directory / name)) if p.is_file()]
+        self.accelerator.wait_for_everyone()  # every process has looked before the move
+        if self.accelerator.is_main_process:
+            target = move_aside(stale, directory / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+            logger.warning("%s held %s without last.pt (a run interrupted before it could be "
+                           "resumed): moved to %s; training starts afresh", directory,
+                           ckpt.BEST_NAME, target)
+        self.accelerator.wait_for_everyone()
 
     def _start(self, train_loader) -> int:
         """Resume or start fresh; returns the number of epochs already done."""
@@ -425,6 +439,7 @@ class Trainer:
                     self._load_completed(payload)
                     return int(payload["final_epoch"])
                 self.load_state(payload, train_loader)
+                self._unfinished_resume = True
                 logger.info("resumed from %s after epoch %d", last, payload["epoch"])
                 return int(payload["epoch"])
             if existing and not cfg.resume:
@@ -433,12 +448,12 @@ class Trainer:
                         f"{directory} already holds checkpoints of a run "
                         f"({', '.join(p.name for p in existing)}); pass resume=True to continue "
                         f"it, overwrite=True to replace it, or choose another checkpoint_dir")
+                self.accelerator.wait_for_everyone()  # every process has looked before removal
                 if self.accelerator.is_main_process:
                     for path in existing:
-                        path.unlink()
-            if existing and cfg.resume:  # best.pt without last.pt: not a run we can continue
-                raise FileExistsError(f"{directory} has {existing[0].name} but no last.pt to "
-                                      f"resume from; use overwrite=True or another directory")
+                        ckpt.remove_checkpoint(path)
+            if existing and cfg.resume:
+                self._set_aside_unresumable(directory)
         seed_everything(cfg.seed, cfg.deterministic)
         self.history, self.global_step = [], 0
         self.best_val_macro_auc, self.best_epoch = -math.inf, None
@@ -465,8 +480,11 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError("the training loader yields no batches")
         self.scheduler = self._make_scheduler(steps_per_epoch)
+        self._unfinished_resume = False
         done = self._start(loader)
         if done >= cfg.epochs or self.stopped_early:
+            if self._unfinished_resume:  # stopped while finishing: mark the run complete now
+                self._finish()
             return self.history_frame()
 
         for epoch in range(done, cfg.epochs):
@@ -490,6 +508,10 @@ class Trainer:
             row["seconds"] = time.perf_counter() - started
             self.history.append(row)
             self._report(row)
+            # best.pt before last.pt: stopped between the two, the rerun repeats this epoch from
+            # the previous last.pt and rewrites best.pt (with no last.pt yet, best.pt is set
+            # aside and the run restarts); the other order would resume believing a best.pt
+            # that was never written
             if improved:
                 self.save(ckpt.BEST_NAME, epoch + 1, loader)
             self.save(ckpt.LAST_NAME, epoch + 1, loader)

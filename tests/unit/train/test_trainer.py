@@ -339,3 +339,75 @@ def test_speed_options_change_nothing_a_resumed_run_must_share(tmp_path):
                                           channels_last=True))
     history = resumed.fit(Interruptible(loader()))
     assert list(history["epoch"]) == [1, 2]  # epoch 1 came from the checkpoint
+
+
+class _Killed(BaseException):
+    """Stands for a kill (SIGKILL, OOM): nothing after it runs, no handler catches it."""
+
+
+def test_a_run_stopped_at_any_checkpoint_write_resumes_or_restarts_to_the_same_result(
+        tmp_path, monkeypatch):
+    """Stop the run before each file operation of its checkpoints in turn (each .pt, each
+    .sha256, the final removal of last.pt), then rerun as train_and_evaluate does
+    (resume=True): every rerun completes and matches an uninterrupted run."""
+    from cxrstudy.train import checkpoint as ckpt
+
+    def fit(run_dir):
+        trainer = Trainer(new_model(), config(checkpoint_dir=run_dir, resume=True))
+        return trainer, trainer.fit(loader(), loader(24, seed=1, shuffle=False))
+
+    real_atomic_path, real_remove = ckpt.atomic_path, ckpt.remove_checkpoint
+    steps = {"done": 0, "stop_at": None}
+
+    def step():
+        steps["done"] += 1
+        if steps["done"] == steps["stop_at"]:
+            raise _Killed(f"stopped before file operation {steps['done']}")
+
+    def counted_atomic_path(path, **kwargs):
+        step()
+        return real_atomic_path(path, **kwargs)
+
+    def counted_remove(path):
+        step()
+        real_remove(path)
+
+    monkeypatch.setattr(ckpt, "atomic_path", counted_atomic_path)
+    monkeypatch.setattr(ckpt, "remove_checkpoint", counted_remove)
+    straight, expected = fit(tmp_path / "straight")
+    operations = steps["done"]
+    assert operations >= 9  # two epochs: best.pt, last.pt (each with its .sha256), finishing
+
+    for stop_at in range(1, operations + 1):
+        run_dir = tmp_path / f"stopped_at_{stop_at}"
+        steps.update(done=0, stop_at=stop_at)
+        with pytest.raises(_Killed):
+            fit(run_dir)
+        steps.update(stop_at=None)
+        rerun, history = fit(run_dir)
+        pd.testing.assert_frame_equal(without_timing(history), without_timing(expected),
+                                      check_exact=False, rtol=0, atol=1e-6)
+        for key, value in straight.unwrapped_model.state_dict().items():
+            assert torch.allclose(rerun.unwrapped_model.state_dict()[key], value, rtol=0,
+                                  atol=1e-6), (stop_at, key)
+        assert not (run_dir / "last.pt").exists(), stop_at  # finished like an uninterrupted run
+        assert load_checkpoint(run_dir / "best.pt")["completed"], stop_at
+
+
+def test_an_unfinished_best_pt_without_last_pt_is_set_aside_and_the_run_restarts(tmp_path,
+                                                                                caplog):
+    """What a kill between the first epoch's best.pt and last.pt leaves."""
+    first = Trainer(new_model(), config(epochs=1, checkpoint_dir=tmp_path, keep_last=True))
+    first.fit(loader(), loader(24, seed=1, shuffle=False))
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "last.pt.sha256").unlink()
+    stale = (tmp_path / "best.pt").read_bytes()
+    rerun = Trainer(new_model(), config(epochs=1, checkpoint_dir=tmp_path, resume=True))
+    with caplog.at_level("WARNING", logger="cxrstudy.train.trainer"):
+        rerun.fit(loader(), loader(24, seed=1, shuffle=False))
+    moved = list(tmp_path.glob("unfinished-*/best.pt"))
+    assert len(moved) == 1 and moved[0].read_bytes() == stale
+    assert (moved[0].parent / "best.pt.sha256").is_file()
+    assert any("starts afresh" in r.getMessage() and str(moved[0].parent) in r.getMessage()
+               for r in caplog.records)
+    assert load_checkpoint(tmp_path / "best.pt")["completed"]
