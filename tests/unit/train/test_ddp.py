@@ -94,7 +94,7 @@ def two_runs(tmp_path_factory):
 def test_two_processes_write_one_checkpoint_in_the_one_process_format(two_runs):
     ddp, single = two_runs
     for run in two_runs:
-        assert sorted(p.name for p in (run / "checkpoints" / "arm").iterdir()) == ["best.pt"]
+        assert sorted(p.name for p in (run / "checkpoints" / "arm").iterdir()) == ["best.pt", "best.pt.sha256"]
         assert (run / "tables" / "history_arm.csv").is_file()
         assert (run / "predictions" / "arm.npz").is_file()
     ours = load_checkpoint(ddp / "checkpoints" / "arm" / "best.pt")
