@@ -133,8 +133,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return main_evaluate(args)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad option is one line naming it (``cxrstudy run: argument --threads: must be at
+    least 1, got 0``), not the whole usage block above it; ``--help`` still gives the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxrstudy", description=__doc__)
+    from .arguments import whole_number
+
+    parser = _OneLineErrors(prog="cxrstudy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute notebooks with papermill into results/<profile>/")
@@ -145,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun even when outputs are up to date")
     run.add_argument("--results", default=None, help="results folder (default: ./results)")
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
-    run.add_argument("--threads", type=int, default=None, metavar="N",
+    run.add_argument("--threads", type=whole_number(1), default=None, metavar="N",
                      help="CPU threads per kernel (sets OMP_NUM_THREADS; default: that variable, "
                           "else torch's choice). On a shared machine use fewer than its cores")
     run.add_argument("--devices", default=None, metavar="LIST",
@@ -182,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", required=True)
     evaluate.add_argument("--root", default=None)
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--image-size", type=int, default=None)
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--n-boot", type=int, default=1000)
+    evaluate.add_argument("--image-size", type=whole_number(1), default=None,
+                          help="pixels (default: the size the model was trained at)")
+    evaluate.add_argument("--batch-size", type=whole_number(1), default=64)
+    evaluate.add_argument("--n-boot", type=whole_number(0), default=1000)
     evaluate.add_argument("--seed", type=int, default=None,
                           help="seed of the patient-level split (default: the checkpoint's own)")
     evaluate.add_argument("--out", default="metrics.json")
@@ -195,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command's exit status; a bad command line (or ``--help``) returns argparse's status
+    instead of raising it, so a caller in Python gets a number either way."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
     return args.func(args)
 
 

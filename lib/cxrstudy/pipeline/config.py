@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -27,12 +28,42 @@ class ConfigError(ValueError):
     """A profile or override that cannot be used; the message names the key and the file."""
 
 
-#: Lower bounds that a value's type cannot say: ``epochs=-1`` is refused before any kernel starts.
-#: A key absent here (or a None value: "off", "all") is not range-checked.
-MINIMUM = {"epochs": 1, "teacher_epochs": 1, "warmup_epochs": 0, "batch_size": 1,
-           "image_size": 1, "teacher_image_size": 1, "max_images": 1, "n_boot": 0, "seed": 0,
-           "lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "num_processes": 1, "num_workers": 0,
-           "early_stopping_patience": 1}
+@dataclass(frozen=True)
+class Rule:
+    """What a value of one key must be, beyond its type: ``holds`` tests one number, ``says``
+    words it for the error. A list value (``resolutions``, ``fractions``) must hold item by item."""
+
+    holds: Callable[[float], bool]
+    says: str
+
+
+def _at_least(low: float) -> Rule:
+    return Rule(lambda value: value >= low, f"at least {low}")
+
+
+_POSITIVE = Rule(lambda value: value > 0, "greater than 0")
+_OPEN_UNIT = Rule(lambda value: 0 < value < 1, "strictly between 0 and 1")
+_SHARE = Rule(lambda value: 0 < value <= 1, "in (0, 1]")
+
+#: Ranges that a value's type cannot say, so ``lr=-1`` or ``resolutions=[0]`` is refused before
+#: any kernel starts rather than minutes into training. A key absent here is not range-checked;
+#: a None value ("off", "all") never is. Every float, here or not, must also be finite.
+RULES: dict[str, Rule] = {
+    # the training schedule (cxrstudy.train.Schedule), and 03/04's teacher
+    "epochs": _at_least(1), "teacher_epochs": _at_least(1), "batch_size": _at_least(1),
+    "warmup_epochs": _at_least(0), "lr": _POSITIVE, "lr_grid": _POSITIVE, "min_lr": _at_least(0),
+    "weight_decay": _at_least(0), "grad_clip": _POSITIVE, "ema_decay": _OPEN_UNIT,
+    "early_stopping_patience": _at_least(1), "num_processes": _at_least(1),
+    "num_workers": _at_least(0),
+    # image sizes in pixels
+    "image_size": _at_least(1), "teacher_image_size": _at_least(1), "display_size": _at_least(1),
+    "count_image_size": _at_least(1), "resolutions": _at_least(1),
+    "hybrid_resolutions": _at_least(1), "strip_sizes": _at_least(1),
+    # shares of the training patients (05's label efficiency)
+    "fractions": _SHARE,
+    # counts and seeds
+    "max_images": _at_least(1), "n_boot": _at_least(0), "seed": _at_least(0),
+}
 
 #: Parameters that are off when None (the training schedule's one spelling of "off", see
 #: :mod:`cxrstudy.train.config`) and numbers of this type when set. A None default alone would
@@ -41,13 +72,25 @@ MINIMUM = {"epochs": 1, "teacher_epochs": 1, "warmup_epochs": 0, "batch_size": 1
 OPTIONAL_NUMBERS = {"ema_decay": float, "early_stopping_patience": int, "grad_clip": float}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_range(key: str, value: Any, where: str) -> None:
-    """Refuse a number below the key's minimum (:data:`MINIMUM`), naming key and source."""
-    low = MINIMUM.get(key)
-    if low is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Refuse a non-finite float (``.nan`` compares false to every bound, so training would
+    only fail on a ``nan`` loss that does not name the key) and a number outside the key's rule
+    (:data:`RULES`), item by item in a list, naming key, value and source."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    what = f"each of {key!r}" if isinstance(value, (list, tuple)) else repr(key)
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where}: {what} must be a finite number, got {value!r}")
+    rule = RULES.get(key)
+    if rule is None:
         return
-    if value < low:
-        raise ConfigError(f"{where}: {key!r} must be at least {low}, got {value!r}")
+    for item in items:
+        if _is_number(item) and not rule.holds(item):
+            raise ConfigError(f"{where}: {what} must be {rule.says}, got {value!r}")
 
 
 @dataclass
@@ -157,6 +200,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last silently, so a profile's second ``epochs:`` would quietly win over the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key == "<<":  # a merge key may repeat; its keys are the merged mapping's
+                    continue
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base loader says so itself
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"key {key!r} is given twice; YAML would keep only the last",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile_file(profile: str, params_dir: Path | None = None) -> dict:
     params_dir = Path(params_dir) if params_dir else repo_root() / "params"
     path = params_dir / f"{profile}.yaml"
@@ -164,7 +231,7 @@ def load_profile_file(profile: str, params_dir: Path | None = None) -> dict:
         known = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "paper_reference")
         raise ConfigError(f"unknown profile {profile!r}: no {path}; known profiles: {', '.join(known)}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
